@@ -1,0 +1,110 @@
+"""The IR is `onnx_ir.Model`. This package converts to and from it at the API edge and runs it.
+
+Everything that enters lpcompile goes through `load_model`, so every later stage may assume an
+`onnx_ir.Model` whose large weights are still lazy (external data is read when first touched).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from lpcompile.errors import ModelError
+
+__all__ = ["load_model", "to_proto", "save_model", "model_bytes", "ModelSource"]
+
+ModelSource = "str | os.PathLike | onnx.ModelProto | ir.Model | Any"
+
+# ModelProto.SerializeToString fails beyond 2 GiB; larger models go through a file with external data.
+_PROTO_LIMIT = 1_800_000_000
+
+
+def load_model(source: Any) -> ir.Model:
+    """An `onnx_ir.Model` from a path, a `ModelProto`, an onnx-graphsurgeon graph or an IR model.
+
+    A path keeps its external data lazy. Errors are `ModelError` with a one-line reason.
+    """
+    if isinstance(source, ir.Model):
+        return source
+    if isinstance(source, onnx.ModelProto):
+        return _deserialize(source, "ModelProto")
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise ModelError(f"no such file: {path}")
+        if path.is_dir():
+            raise ModelError(f"expected an .onnx file, got a directory: {path}")
+        try:
+            onnx.checker.check_model(str(path), full_check=False)
+            return ir.load(path)
+        except onnx.checker.ValidationError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"{path} is not a valid ONNX model: {first}") from e
+        except Exception as e:  # protobuf DecodeError and friends
+            raise ModelError(f"{path} is not a readable ONNX model: {type(e).__name__}: {_first_line(e)}") from e
+    if type(source).__module__.startswith("onnx_graphsurgeon"):
+        import onnx_graphsurgeon as gs
+
+        return _deserialize(gs.export_onnx(source), "onnx-graphsurgeon graph")
+    raise ModelError(f"cannot read a model from {type(source).__name__}")
+
+
+def _deserialize(proto: onnx.ModelProto, what: str) -> ir.Model:
+    try:
+        return ir.serde.deserialize_model(proto)
+    except Exception as e:
+        raise ModelError(f"{what} is not a valid ONNX model: {_first_line(e)}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    return ir.serde.serialize_model(model)
+
+
+def to_graphsurgeon(model: ir.Model):
+    """An onnx-graphsurgeon graph of the model (for tools built on it)."""
+    import onnx_graphsurgeon as gs
+
+    return gs.import_onnx(to_proto(model))
+
+
+def save_model(model: ir.Model, path: str | os.PathLike) -> None:
+    """Save with weights inline when the model is small, else next to it as `<name>.data`."""
+    path = Path(path)
+    total = sum(_nbytes(v.const_value) for v in model.graph.initializers.values())
+    if total < _PROTO_LIMIT:
+        ir.save(model, path)
+    else:
+        ir.save(model, path, external_data=path.name + ".data")
+
+
+def model_bytes(model: ir.Model) -> bytes | str:
+    """What onnxruntime's InferenceSession accepts: serialized bytes, or a path for huge models.
+
+    For huge models the file lives in a temporary directory kept alive as long as the process.
+    """
+    total = sum(_nbytes(v.const_value) for v in model.graph.initializers.values())
+    if total < _PROTO_LIMIT:
+        return to_proto(model).SerializeToString()
+    tmp = tempfile.mkdtemp(prefix="lpcompile-")
+    path = os.path.join(tmp, "model.onnx")
+    ir.save(model, path, external_data="model.onnx.data")
+    return path
+
+
+def _nbytes(tensor) -> int:
+    if tensor is None:
+        return 0
+    try:
+        return int(tensor.nbytes)
+    except Exception:
+        return 0

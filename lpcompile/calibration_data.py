@@ -1,0 +1,193 @@
+"""Calibration data: where the sample inputs come from, checked against the model's inputs.
+
+Accepted sources (`as_calibration_data`):
+- an `.npz` file whose arrays are named after the model inputs, first axis = samples;
+- a directory of such files (read one at a time, in name order);
+- a Python iterable of dicts name -> array (each dict is one batch, first axis = samples);
+- `"random:N"`: N random samples for a smoke run. It is labelled as such everywhere it shows:
+  random inputs say nothing about the accuracy on real data.
+
+Every batch is validated before use: all model inputs present, ranks match, floats finite.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from lpcompile.errors import CalibrationError
+
+__all__ = ["CalibrationData", "InputSpec", "as_calibration_data", "model_input_specs"]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]
+    vocab: int | None = None  # integer ids that index an embedding table of this many rows
+
+
+def model_input_specs(model: ir.Model) -> list[InputSpec]:
+    specs = []
+    for value in model.graph.inputs:
+        if value.is_initializer():
+            continue
+        dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+        shape = tuple(d if isinstance(d, int) else (str(d) if d is not None else None) for d in (value.shape or ()))
+        specs.append(InputSpec(value.name, np.dtype(dtype), shape, _gathered_vocab(value)))
+    return specs
+
+
+def _gathered_vocab(value: ir.Value) -> int | None:
+    """Rows of the constant table that `value` indexes through Gather, if it does."""
+    for use in value.uses():
+        node = use.node
+        if node.op_type == "Gather" and use.idx == 1 and node.inputs[0].const_value is not None:
+            return int(node.inputs[0].const_value.shape[0])
+    return None
+
+
+@dataclass
+class CalibrationData:
+    """A re-iterable source of validated input batches."""
+
+    specs: list[InputSpec]
+    label: str
+    is_random: bool = False
+    _batches: list[dict[str, np.ndarray]] | None = None
+    _files: list[Path] = field(default_factory=list)
+    _random_n: int = 0
+    seed: int = 0
+
+    def batches(self, batch_size: int = 8) -> Iterator[dict[str, np.ndarray]]:
+        for block in self._blocks():
+            n = _num_samples(block)
+            for start in range(0, n, batch_size):
+                yield {k: v[start : start + batch_size] for k, v in block.items()}
+
+    @property
+    def num_samples(self) -> int:
+        return sum(_num_samples(b) for b in self._blocks())
+
+    def _blocks(self) -> Iterator[dict[str, np.ndarray]]:
+        if self._random_n:
+            yield _random_block(self.specs, self._random_n, self.seed)
+        elif self._files:
+            for path in self._files:
+                yield _validate(_read_npz(path), self.specs, str(path))
+        else:
+            yield from self._batches or []
+
+
+def _num_samples(block: Mapping[str, np.ndarray]) -> int:
+    return int(next(iter(block.values())).shape[0]) if block else 0
+
+
+def as_calibration_data(source, model: ir.Model, seed: int = 0) -> CalibrationData:
+    """Validated calibration data for `model` from any accepted source (see module docstring)."""
+    specs = model_input_specs(model)
+    if isinstance(source, CalibrationData):
+        return source
+    if source is None:
+        raise CalibrationError("no calibration data given (use an .npz file, a directory of them, or random:N)")
+    if isinstance(source, str) and source.startswith("random:"):
+        m = re.fullmatch(r"random:(\d+)", source)
+        if not m or int(m.group(1)) < 1:
+            raise CalibrationError(f"bad calibration source {source!r}: expected random:N with N >= 1")
+        n = int(m.group(1))
+        data = CalibrationData(specs, f"random:{n} (smoke run: random inputs, not real data)", True, _random_n=n, seed=seed)
+        next(data._blocks())  # fail now, not in the middle of a pass
+        return data
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise CalibrationError(f"calibration data not found: {path}")
+        files = sorted(path.glob("*.npz")) if path.is_dir() else [path]
+        if not files:
+            raise CalibrationError(f"no .npz files in calibration directory {path}")
+        for f in files:  # validate everything up front; reading is cheap next to running the model
+            _validate(_read_npz(f), specs, str(f))
+        n = len(files)
+        label = f"{path}" + (f" ({n} files)" if path.is_dir() else "")
+        return CalibrationData(specs, label, _files=files)
+    if isinstance(source, Mapping):
+        source = [source]
+    if isinstance(source, Iterable):
+        batches = [_validate(dict(b), specs, f"batch {i}") for i, b in enumerate(source)]
+        if not batches:
+            raise CalibrationError("calibration data is empty")
+        return CalibrationData(specs, f"{len(batches)} in-memory batches", _batches=batches)
+    raise CalibrationError(f"cannot use {type(source).__name__} as calibration data")
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise CalibrationError(f"cannot read calibration file {path}: {e}") from e
+
+
+def _to_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensors
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _validate(block: dict, specs: list[InputSpec], where: str) -> dict[str, np.ndarray]:
+    names = [s.name for s in specs]
+    missing = [n for n in names if n not in block]
+    if missing:
+        have = ", ".join(sorted(block)) or "nothing"
+        raise CalibrationError(f"{where}: missing model input(s) {', '.join(missing)} (it has {have})")
+    out = {}
+    n = None
+    for spec in specs:
+        arr = _to_numpy(block[spec.name])
+        if spec.shape and arr.ndim != len(spec.shape):
+            raise CalibrationError(
+                f"{where}: input {spec.name!r} has rank {arr.ndim}, the model expects {len(spec.shape)} "
+                f"(first axis = samples)"
+            )
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, int) and axis > 0 and arr.shape[axis] != dim:
+                raise CalibrationError(f"{where}: input {spec.name!r} has shape {arr.shape}, the model expects {spec.shape}")
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            bad = "NaN" if np.isnan(arr).any() else "inf"
+            raise CalibrationError(f"{where}: input {spec.name!r} holds {bad}")
+        if arr.dtype != spec.dtype:
+            if np.issubdtype(spec.dtype, np.integer) and not np.issubdtype(arr.dtype, np.integer):
+                raise CalibrationError(f"{where}: input {spec.name!r} is {arr.dtype}, the model expects {spec.dtype}")
+            arr = arr.astype(spec.dtype)
+        if n is None:
+            n = arr.shape[0] if arr.ndim else 1
+        elif arr.ndim and arr.shape[0] != n:
+            raise CalibrationError(f"{where}: inputs disagree on the number of samples ({n} vs {arr.shape[0]})")
+        out[spec.name] = arr
+    return out
+
+
+def _random_block(specs: list[InputSpec], n: int, seed: int) -> dict[str, np.ndarray]:
+    """Random inputs of the right types: token ids below the vocabulary, masks of ones, normal floats."""
+    rng = np.random.default_rng(seed)
+    block = {}
+    for spec in specs:
+        shape = [n] + [d if isinstance(d, int) else 16 for d in spec.shape[1:]]
+        if np.issubdtype(spec.dtype, np.integer):
+            if spec.vocab:
+                block[spec.name] = rng.integers(0, spec.vocab, size=shape).astype(spec.dtype)
+            else:  # masks, type ids: all ones is always a valid value
+                block[spec.name] = np.ones(shape, spec.dtype)
+        elif spec.dtype == np.bool_:
+            block[spec.name] = np.ones(shape, np.bool_)
+        else:
+            block[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+    return block
