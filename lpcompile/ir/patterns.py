@@ -190,8 +190,8 @@ def _square_of(node: ir.Node | None) -> ir.Value | None:
     if node.op_type == "Mul" and node.inputs[0] is node.inputs[1]:
         return node.inputs[0]
     if node.op_type == "Pow":
-        exponent = node.inputs[1].const_value if node.inputs[1] is not None else None
-        if exponent is not None and float(exponent.numpy().reshape(-1)[0]) == 2.0:
+        exponent = ir.convenience.get_const_tensor(node.inputs[1]) if node.inputs[1] is not None else None
+        if exponent is not None and exponent.size == 1 and float(exponent.numpy().reshape(-1)[0]) == 2.0:
             return node.inputs[0]
     return None
 

@@ -1,0 +1,71 @@
+"""Shared fixtures: small ONNX models written in ONNX text, and an onnxruntime reference."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def ort_run(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a model (IR, ModelProto or path) in onnxruntime with graph optimizations disabled."""
+    import onnxruntime as ort
+
+    if isinstance(model, ir.Model):
+        model = ir.to_proto(model)
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    ref = ref.astype(np.float64)
+    noise = ((ref - got.astype(np.float64)) ** 2).sum()
+    return float("inf") if noise == 0 else float(10 * np.log10((ref**2).sum() / noise))
+
+
+def mlp_model(k: int = 256, hidden: int = 384, n: int = 64, seed: int = 0, outliers: bool = False) -> ir.Model:
+    """x[B,S,k] -> MatMul+Add -> Relu -> Gemm(transB) -> MatMul, with constant weights."""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((k, hidden)) / np.sqrt(k)).astype(np.float32)
+    b1 = (0.1 * rng.standard_normal(hidden)).astype(np.float32)
+    w2 = (rng.standard_normal((hidden, hidden)) / np.sqrt(hidden)).astype(np.float32)  # stored [N, K]
+    w3 = (rng.standard_normal((hidden, n)) / np.sqrt(hidden)).astype(np.float32)
+    text = f"""<ir_version: 10, opset_import: ["" : 21]>
+    mlp (float[B,S,{k}] x) => (float[B,S,{n}] y) {{
+        h0 = MatMul(x, w1)
+        h1 = Add(h0, b1)
+        h2 = Relu(h1)
+        flat_shape = Constant <value = int64[2] {{-1, {hidden}}}> ()
+        h3 = Reshape(h2, flat_shape)
+        h4 = Gemm <transB = 1> (h3, w2)
+        out_shape = Shape(h2)
+        h5 = Reshape(h4, out_shape)
+        y = MatMul(h5, w3)
+    }}"""
+    proto = onnx.parser.parse_model(text)
+    for name, arr in (("w1", w1), ("b1", b1), ("w2", w2), ("w3", w3)):
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(arr, name))
+    onnx.checker.check_model(proto)
+    return ir.serde.deserialize_model(proto)
+
+
+@pytest.fixture
+def mlp():
+    return mlp_model()
+
+
+@pytest.fixture
+def mlp_inputs():
+    rng = np.random.default_rng(1)
+    return {"x": rng.standard_normal((16, 8, 256)).astype(np.float32)}
