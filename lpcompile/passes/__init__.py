@@ -1,0 +1,8 @@
+"""lpcompile's passes: each an `onnx_ir.passes` pass, usable in any onnx_ir pass manager."""
+
+from lpcompile.passes.calibrate import Calibrate, Calibration, TensorStats
+from lpcompile.passes.canonicalize import Canonicalize
+from lpcompile.passes.cleanup import Cleanup
+from lpcompile.passes.quantize import LayerPlan, Quantize
+
+__all__ = ["Calibrate", "Calibration", "Canonicalize", "Cleanup", "LayerPlan", "Quantize", "TensorStats"]

@@ -1,0 +1,170 @@
+"""The Python API: `capture` and `compile`, composing frontends, passes, backends and the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from lpcompile.calibration_data import CalibrationData, as_calibration_data
+from lpcompile.errors import LpcompileError, PassError, TargetError
+from lpcompile.frontend import capture
+from lpcompile.ir import save_model
+from lpcompile.ir.patterns import find_linear_layers
+from lpcompile.ir.run import OrtRunner
+from lpcompile.passes.calibrate import CALIBRATION_KEY, Calibrate
+from lpcompile.passes.cleanup import Cleanup
+from lpcompile.passes.quantize import Quantize
+from lpcompile.recipes import Recipe, get_recipe
+from lpcompile.report import build_report, dumps, to_markdown
+
+__all__ = ["capture", "compile", "CompiledModel", "TARGETS", "EMITS"]
+
+TARGETS = ("llvm", "cuda")
+EMITS = ("onnx",)
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class CompiledModel:
+    """The result of `compile`: the QDQ model, its report, and a way to run it."""
+
+    qdq_model: ir.Model
+    report: dict
+    recipe: Recipe
+    target: str
+    emit: tuple[str, ...] = ("onnx",)
+    _runner: OrtRunner | None = field(default=None, repr=False)
+
+    def run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Run the quantized model in onnxruntime (graph optimizations off: the reference)."""
+        if self._runner is None:
+            self._runner = OrtRunner(self.qdq_model)
+        feeds = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)) for k, v in feeds.items()}
+        return self._runner.run(feeds)
+
+    __call__ = run
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write `model.qdq.onnx`, `report.json` and `report.md` into `out_dir`, atomically:
+        everything goes to a sibling temporary directory that replaces `out_dir` only when complete."""
+        out = Path(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            if "onnx" in self.emit:
+                save_model(self.qdq_model, tmp / "model.qdq.onnx")
+            report = dict(self.report)
+            report["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+            (tmp / "report.json").write_text(dumps(report))
+            (tmp / "report.md").write_text(to_markdown(report))
+            _replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
+
+
+def _replace_dir(new: Path, dest: Path) -> None:
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+        os.replace(new, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, dest)
+
+
+def compile(
+    model: Any,
+    target: str = "llvm",
+    format: str = "int4",
+    calibration: Any = None,
+    exclude: Sequence[str] = (),
+    example_inputs: Any = None,
+    emit: Sequence[str] = ("onnx",),
+    batch_size: int = 8,
+    progress: Progress | None = None,
+) -> CompiledModel:
+    """Quantize `model` (path, ModelProto, IR model or torch module) with the recipe `format`
+    for `target`. `calibration`: see `lpcompile.calibration_data`; recipes with static
+    activation scales or GPTQ need it, others use it only to measure the error in the report."""
+    if target not in TARGETS:
+        raise TargetError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+    unknown = [e for e in emit if e not in EMITS]
+    if unknown:
+        raise TargetError(f"cannot emit {', '.join(unknown)} yet; available: {', '.join(EMITS)}")
+    recipe = get_recipe(format)
+    stages: dict[str, float] = {}
+    done: list[str] = []
+
+    def stage(name):
+        return _Stage(name, stages, done)
+
+    with stage("capture"):
+        float_model = capture(model, example_inputs)
+    if not find_linear_layers(float_model.graph):
+        raise PassError("the model has no linear layers (MatMul/Gemm/Gather with constant weights) to quantize")
+    with stage("load calibration"):
+        data = as_calibration_data(calibration, float_model) if calibration is not None else None
+    if data is None and recipe.needs_calibration:
+        raise LpcompileError(f"format {format!r} needs calibration data (--calibration FILE.npz|DIR|random:N)")
+    qdq = ir.from_proto(ir.to_proto(float_model))  # a deep copy: the float model stays the reference
+    if data is not None:
+        with stage("calibrate"):
+            gram_for = None if recipe.method == "gptq" else frozenset()
+            Calibrate(data, batch_size, gram_for, _step(progress, "calibrate"))(qdq)
+    with stage("quantize"):
+        Quantize(recipe.weights, recipe.activations, recipe.embeddings, recipe.method, tuple(exclude),
+                 progress=_step(progress, "quantize"))(qdq)
+        Cleanup()(qdq)
+    cal = qdq.meta.get(CALIBRATION_KEY)
+    cal_info = None if cal is None else {
+        "source": cal.source, "samples": cal.num_samples, "is_random": cal.is_random, "seconds": round(cal.seconds, 3)
+    }
+    with stage("measure"):
+        batches = data.batches(batch_size) if data is not None else []
+        report = build_report(float_model, qdq, batches, format=format, target=target, calibration=cal_info,
+                              stages=stages, excluded=list(exclude))
+    report["recipe"] = {"weights": str(recipe.weights), "activations": str(recipe.activations) if recipe.activations else None,
+                        "embeddings": str(recipe.embeddings) if recipe.embeddings else None, "method": recipe.method,
+                        "description": recipe.description}
+    report["stages_seconds"] = {k: round(v, 3) for k, v in stages.items()}
+    return CompiledModel(qdq, report, recipe, target, tuple(emit))
+
+
+def _step(progress: Progress | None, name: str):
+    if progress is None:
+        return None
+    return lambda i, n: progress(name, i, n)
+
+
+class _Stage:
+    """Times a stage; on failure names the stages that already ran."""
+
+    def __init__(self, name: str, stages: dict[str, float], done: list[str]):
+        self.name, self.stages, self.done = name, stages, done
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.stages[self.name] = time.perf_counter() - self.start
+        if exc is None:
+            self.done.append(self.name)
+            return False
+        if isinstance(exc, LpcompileError):
+            return False
+        ran = ", ".join(self.done) or "nothing"
+        raise PassError(f"{self.name} failed after [{ran}]: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc

@@ -1,0 +1,118 @@
+"""`lpcompile MODEL --target T --format F [-o OUT_DIR] [--calibration SRC] [--exclude PATTERN]...`
+
+Writes OUT_DIR (default `<model-stem>.lpc/`) atomically: model.qdq.onnx, report.json, report.md.
+Bad input exits with status 2 and one line on stderr; nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from lpcompile.errors import LpcompileError
+
+EXIT_BAD_INPUT = 2
+
+
+class _Progress:
+    """One self-overwriting line per stage on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, stream=sys.stderr, quiet: bool = False):
+        self.stream, self.quiet = stream, quiet
+        self.tty = stream.isatty()
+        self.last: tuple[str, float] = ("", 0.0)
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        now = time.monotonic()
+        final = done >= total
+        if not final and stage == self.last[0] and now - self.last[1] < (0.1 if self.tty else 2.0):
+            return
+        self.last = (stage, now)
+        pct = 100.0 * done / total if total else 100.0
+        line = f"{stage}: {done}/{total} ({pct:.0f}%)"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lpcompile.api import EMITS, TARGETS
+    from lpcompile.recipes import RECIPES
+
+    p = argparse.ArgumentParser(
+        prog="lpcompile",
+        description="Quantize an ONNX model to INT4/INT8/FP8 and compile it for a target.",
+        epilog="formats: " + "; ".join(f"{r.name} = {r.description}" for r in RECIPES.values()),
+    )
+    p.add_argument("model", help="an .onnx file (external data next to it is fine)")
+    p.add_argument("--target", default="llvm", choices=TARGETS, help="llvm (this CPU) or cuda")
+    p.add_argument("--format", default="int4", choices=list(RECIPES), help="quantization recipe (default int4)")
+    p.add_argument("-o", "--output", help="output directory (default: <model-stem>.lpc next to the model)")
+    p.add_argument("--calibration", help="an .npz file (arrays named after the model inputs, first axis = samples), "
+                   "a directory of them, or random:N for a smoke run")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="keep layers matching PATTERN (fnmatch on layer names; :first / :last for the first/last "
+                        "linear layer) in float; repeatable")
+    p.add_argument("--emit", default="onnx", help=f"comma-separated outputs ({', '.join(EMITS)})")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per onnxruntime run during calibration")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what every pass did")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    progress = _Progress(quiet=args.quiet)
+    try:
+        from lpcompile.api import compile as lp_compile
+
+        model = Path(args.model)
+        if not model.is_file():
+            raise LpcompileError(f"no such model file: {model}")
+        out = Path(args.output) if args.output else model.with_name(model.stem + ".lpc")
+        emit = tuple(e.strip() for e in args.emit.split(",") if e.strip())
+        result = lp_compile(
+            model,
+            target=args.target,
+            format=args.format,
+            calibration=args.calibration,
+            exclude=args.exclude,
+            emit=emit,
+            batch_size=args.batch_size,
+            progress=progress,
+        )
+        result.save(out)
+    except LpcompileError as e:
+        print(f"lpcompile: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("lpcompile: interrupted", file=sys.stderr)
+        return 130
+    t = result.report["totals"]
+    if not args.quiet:
+        print(_summary(out, result.report), file=sys.stdout)
+    return 0 if t is not None else 1
+
+
+def _summary(out: Path, report: dict) -> str:
+    t = report["totals"]
+    ratio = t["weight_bytes"] / t["weight_bytes_fp32"] if t["weight_bytes_fp32"] else float("nan")
+    cos = t["output_cosine"]
+    sq = t["output_sqnr_db"]
+    measured = (f"output cosine {cos:.5f}, SQNR {sq:.1f} dB" if cos is not None and sq is not None
+                else "error not measured (no calibration data)")
+    smoke = " [smoke run on random inputs]" if (report.get("calibration") or {}).get("is_random") else ""
+    return (f"{out}: {report['format']} for {report['target']}: {t['layers_quantized']} layers, weights "
+            f"{t['weight_bytes'] / 1e6:.2f} MB ({ratio:.3f}x fp32), {measured}{smoke}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""The report: what was quantized, how many bytes it takes, and how far it is from float.
+
+Errors are measured, never estimated: the float model and the QDQ model both run in
+onnxruntime on the same batches; per layer the SQNR of that layer's output (with the error
+accumulated from the layers before it, as the model really runs), and for each model output the
+SQNR and the cosine similarity per sample.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from lpcompile.ir.run import OrtRunner
+from lpcompile.passes.quantize import ACTIVATION_FORMAT_KEY, LAYER_KEY, METHOD_KEY, WEIGHT_FORMAT_KEY
+
+
+@dataclass
+class _Error:
+    signal: float = 0.0
+    noise: float = 0.0
+    cosines: list[float] = field(default_factory=list)
+
+    def add(self, ref: np.ndarray, got: np.ndarray, per_sample_cosine: bool = False) -> None:
+        ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+        self.signal += float((ref64**2).sum())
+        self.noise += float(((ref64 - got64) ** 2).sum())
+        if per_sample_cosine:
+            r = ref64.reshape(ref64.shape[0], -1) if ref64.ndim > 1 else ref64.reshape(1, -1)
+            g = got64.reshape(r.shape)
+            num = (r * g).sum(axis=1)
+            den = np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1)
+            self.cosines.extend(np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0).tolist())
+
+    @property
+    def sqnr_db(self) -> float:
+        if self.noise == 0.0:
+            return float("inf")
+        return 10.0 * float(np.log10(self.signal / self.noise)) if self.signal > 0 else float("-inf")
+
+
+def quantized_layers(model: ir.Model) -> list[ir.Node]:
+    return [n for n in model.graph if WEIGHT_FORMAT_KEY in n.metadata_props or ACTIVATION_FORMAT_KEY in n.metadata_props]
+
+
+def measure_error(
+    float_model: ir.Model, qdq_model: ir.Model, batches: Iterable[Mapping[str, np.ndarray]]
+) -> tuple[dict[str, _Error], dict[str, _Error]]:
+    """Per quantized layer output and per model output: accumulated error statistics."""
+    layer_outputs = [n.outputs[0].name for n in quantized_layers(qdq_model)]
+    ref = OrtRunner(float_model, extra=layer_outputs)
+    got = OrtRunner(qdq_model, extra=layer_outputs)
+    model_outputs = [v.name for v in float_model.graph.outputs]
+    per_layer = {name: _Error() for name in layer_outputs}
+    per_output = {name: _Error() for name in model_outputs}
+    for batch in batches:
+        r, g = ref.run(batch), got.run(batch)
+        for name in layer_outputs:
+            per_layer[name].add(r[name], g[name])
+        for name in model_outputs:
+            if np.issubdtype(r[name].dtype, np.floating):
+                per_output[name].add(r[name], g[name], per_sample_cosine=True)
+    return per_layer, per_output
+
+
+def weight_bytes(qdq_model: ir.Model, node: ir.Node) -> tuple[int, int]:
+    """(bytes of the float32 weight, bytes of its quantized form incl. scales and zero points)."""
+    for value in node.inputs:
+        producer = value.producer() if value is not None else None
+        if producer is not None and producer.op_type == "DequantizeLinear":
+            q = producer.inputs[0].const_value
+            if q is None:
+                continue
+            numel = int(np.prod(q.shape.numpy()))
+            total = _packed_bytes(q)
+            for extra in producer.inputs[1:]:
+                if extra is not None and extra.const_value is not None:
+                    total += _packed_bytes(extra.const_value)
+            return numel * 4, total
+    return 0, 0
+
+
+def _packed_bytes(tensor) -> int:
+    numel = int(np.prod(tensor.shape.numpy())) if len(tensor.shape) else 1
+    return -(-numel * tensor.dtype.bitwidth // 8)
+
+
+def build_report(
+    float_model: ir.Model,
+    qdq_model: ir.Model,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    *,
+    format: str,
+    target: str,
+    calibration: dict | None,
+    stages: dict[str, float],
+    excluded: list[str],
+) -> dict:
+    per_layer, per_output = measure_error(float_model, qdq_model, batches)
+    layers = []
+    for node in quantized_layers(qdq_model):
+        fp32, packed = weight_bytes(qdq_model, node)
+        wspec = node.metadata_props.get(WEIGHT_FORMAT_KEY)
+        aspec = node.metadata_props.get(ACTIVATION_FORMAT_KEY)
+        layers.append(
+            {
+                "name": node.metadata_props.get(LAYER_KEY, node.name),
+                "op": node.op_type,
+                "weight_format": wspec or "float32",
+                "activation_format": aspec or "float32",
+                "weight_method": node.metadata_props.get(METHOD_KEY),
+                "weight_bytes_fp32": fp32,
+                "weight_bytes": packed,
+                "sqnr_db": _num(per_layer[node.outputs[0].name].sqnr_db),
+            }
+        )
+    outputs = {}
+    for name, err in per_output.items():
+        cos = np.array(err.cosines) if err.cosines else np.array([np.nan])
+        outputs[name] = {"sqnr_db": _num(err.sqnr_db), "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
+    first = next(iter(outputs.values()), {"sqnr_db": None, "cosine_mean": None})
+    all_fp32 = sum(_packed_bytes(v.const_value) * 32 // max(v.const_value.dtype.bitwidth, 1)
+                   for v in float_model.graph.initializers.values() if v.const_value is not None
+                   and v.const_value.dtype.is_floating_point())
+    totals = {
+        "layers_quantized": len(layers),
+        "weight_bytes_fp32": sum(l["weight_bytes_fp32"] for l in layers),
+        "weight_bytes": sum(l["weight_bytes"] for l in layers),
+        "model_float_bytes": all_fp32,
+        "output_sqnr_db": first["sqnr_db"],
+        "output_cosine": first["cosine_mean"],
+        "output_cosine_min": first.get("cosine_min"),
+    }
+    return {
+        "format": format,
+        "target": target,
+        "calibration": calibration,
+        "excluded": excluded,
+        "layers": layers,
+        "totals": totals,
+        "outputs": outputs,
+        "stages_seconds": {k: round(v, 3) for k, v in stages.items()},
+    }
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or np.isnan(x) else (x if np.isfinite(x) else (1e9 if x > 0 else -1e9))
+
+
+def to_markdown(report: dict) -> str:
+    t = report["totals"]
+    cal = report.get("calibration") or {}
+    lines = [
+        f"# lpcompile report: {report['format']} for {report['target']}",
+        "",
+    ]
+    if cal.get("is_random"):
+        lines += ["> **Smoke run**: calibrated and measured on random inputs, not real data. "
+                  "The errors below say nothing about accuracy on real inputs.", ""]
+    ratio = t["weight_bytes"] / t["weight_bytes_fp32"] if t["weight_bytes_fp32"] else float("nan")
+    lines += [
+        f"- calibration: {cal.get('source', 'none')} ({cal.get('samples', 0)} samples)",
+        f"- layers quantized: {t['layers_quantized']}; excluded: {', '.join(report['excluded']) or 'none'}",
+        f"- weights: {_mb(t['weight_bytes'])} vs {_mb(t['weight_bytes_fp32'])} in fp32 ({ratio:.3f}×)",
+        f"- output vs float: SQNR {_fmt(t['output_sqnr_db'])} dB, cosine {_fmt(t['output_cosine'], 5)}"
+        f" (min {_fmt(t['output_cosine_min'], 5)})",
+        "- stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["stages_seconds"].items()),
+        "",
+        "| layer | op | weights | activations | bytes (fp32 → q) | SQNR dB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for l in report["layers"]:
+        lines.append(
+            f"| {l['name']} | {l['op']} | {l['weight_format']} | {l['activation_format']} | "
+            f"{l['weight_bytes_fp32']:,} → {l['weight_bytes']:,} | {_fmt(l['sqnr_db'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(x, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def dumps(report: dict) -> str:
+    return json.dumps(report, indent=2, allow_nan=False)
