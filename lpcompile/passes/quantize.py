@@ -147,7 +147,7 @@ class Quantize(ir.passes.InPlacePass):
             fn = _per_token_function(model, spec)
             node = ir.node(fn.name, [x], domain=DOMAIN, name=f"{x.name}_pertoken_qdq")
             node.outputs[0].name = f"{x.name}_qdq"
-            node.outputs[0].dtype = x.dtype
+            node.outputs[0].dtype = x.dtype or ir.DataType.FLOAT
             node.outputs[0].shape = x.shape
             model.graph.insert_before(layer.node, node)
             return node.outputs[0]
