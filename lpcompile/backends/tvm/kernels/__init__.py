@@ -1,0 +1,84 @@
+"""lpcompile's low-precision kernels for TVM: compute definitions, schedules, builds.
+
+    func = quantized_matmul(None, 4096, 4096, weight="int4", block_size=128)  # m symbolic
+    ex = build(func, host_target())            # scheduled for the target, compiled
+    ex["main"](x, INT4.pack(q, 4096), scales, y)
+
+One compute definition per kernel (`compute`) feeds every target; `schedule` picks the target's
+schedule from a table keyed by the target kind (`cpu` for llvm, `cuda`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import tvm
+from tvm import tirx
+
+from lpcompile.backends.tvm.kernels import cpu, cuda
+from lpcompile.backends.tvm.kernels.compute import (
+    FLOAT8,
+    KERNEL_ATTR,
+    PAIRS,
+    quantize_rows,
+    quantize_tensor,
+    quantized_matmul,
+)
+from lpcompile.backends.tvm.kernels.packing import BLOCK, INT4, Int4Layout, blocked_scales, onnx_weight_to_kn
+from lpcompile.backends.tvm.target import FP8_MIN_SM, supports_fp8
+from lpcompile.errors import TargetError
+
+__all__ = [
+    "BLOCK",
+    "FLOAT8",
+    "INT4",
+    "KERNEL_ATTR",
+    "PAIRS",
+    "CUDA_PRECISE_MATH",
+    "Int4Layout",
+    "blocked_scales",
+    "build",
+    "cuda_binary",
+    "onnx_weight_to_kn",
+    "quantize_rows",
+    "quantize_tensor",
+    "quantized_matmul",
+    "schedule",
+]
+
+SCHEDULERS = {"llvm": cpu.schedule, "cuda": cuda.schedule}
+
+# nvcc/NVRTC get --use_fast_math from TVM; undo the parts that change results (approximate
+# division would move quantization rounding ties away from the CPU/ONNX reference).
+CUDA_PRECISE_MATH = ["-prec-div=true", "-prec-sqrt=true", "-ftz=false"]
+
+
+def schedule(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
+    """The kernel scheduled for `target` (its kind selects the schedule table)."""
+    scheduler = SCHEDULERS.get(target.kind.name)
+    if scheduler is None:
+        raise TargetError(f"no kernel schedules for target kind {target.kind.name!r}")
+    return scheduler(func)
+
+
+def build(funcs: tirx.PrimFunc | Mapping[str, tirx.PrimFunc], target: tvm.target.Target) -> tvm.runtime.Executable:
+    """Schedule and compile one kernel (as "main") or several named kernels into one module."""
+    if isinstance(funcs, tirx.PrimFunc):
+        funcs = {"main": funcs}
+    if not supports_fp8(target):
+        for name, f in funcs.items():
+            if any(str(p.dtype).startswith("float8") for p in f.params):
+                raise TargetError(f"{name}: FP8 kernels need CUDA sm_{FP8_MIN_SM}+ (target {target.attrs['arch']})")
+    mod = tvm.IRModule({name: schedule(f, target).with_attr("global_symbol", name) for name, f in funcs.items()})
+    return tvm.compile(mod, target=target)
+
+
+def cuda_binary(ex: tvm.runtime.Executable, target: tvm.target.Target, fmt: str = "cubin") -> bytes:
+    """Compile the CUDA source of a `build` for `target` with nvcc (precise division)."""
+    from tvm.support import nvcc
+
+    source = ex.mod.imports[0].inspect_source()
+    with target:
+        return bytes(
+            nvcc.compile_cuda(source, target_format=fmt, arch=str(target.attrs["arch"]), options=CUDA_PRECISE_MATH, compiler="nvcc")
+        )

@@ -1,0 +1,294 @@
+"""Compute definitions (TE -> TIR PrimFunc) of the low-precision kernels, shared by every target.
+
+Every matmul kernel has the same three-stage structure, which the schedules rely on:
+
+    decode[k, n]    = the weight value as an integer or float, without its scale (injective)
+    acc[m, b, n]    = sum over the K-block b of  x[m, k] * decode[k, n]        (fp32 or int32)
+    y[m, n]         = sum over blocks b of  acc[m, b, n] * w_scale[b, n]  (* activation scale)
+
+Taking the per-block scale out of the inner loop saves a multiply per weight; integer
+accumulators (int8 x int8, int8 x int4) are exact per block and only the final scaling is
+floating point. A per-channel (or per-tensor) weight scale is a single block spanning K.
+
+Which (activation, weight) pairs exist is a table (`PAIRS`), not a ladder: floating
+activations with any weight format (weight-only dequantization in registers), int8 activations
+with int8/int4 weights (integer accumulation), fp8 activations with fp8 weights.
+
+The kernels take the weights in the layouts of `packing`: int4 as `Int4Layout` tiles, 8-bit
+weights row-major [K_pad, N]. Dimension m (rows = tokens) may be symbolic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import te, tirx
+
+from lpcompile.backends.tvm.kernels.packing import INT4, Int4Layout, ceil_div
+from lpcompile.errors import TargetError
+
+KERNEL_ATTR = "lpcompile.kernel"
+
+FLOAT8 = {"float8_e4m3fn": 448.0, "float8_e5m2": 57344.0}
+
+
+@dataclass(frozen=True)
+class Fp8Bits:
+    """Bit layout of an FP8 format, for the integer-only encode/decode below."""
+
+    man: int  # mantissa bits
+    bias: int
+    max_code: int  # magnitude code of the largest finite value
+    nan_code: int  # magnitude code written for NaN
+
+
+FP8_BITS = {
+    "float8_e4m3fn": Fp8Bits(man=3, bias=7, max_code=0x7E, nan_code=0x7F),  # no inf; S.1111.111 is NaN
+    "float8_e5m2": Fp8Bits(man=2, bias=15, max_code=0x7B, nan_code=0x7F),  # S.11111.00 is inf
+}
+INT_RANGE = {"int8": (-128, 127), "uint8": (0, 255)}
+TINY_SCALE = 2.0**-24  # the per-token scale floor the quantize pass writes
+
+
+@dataclass(frozen=True)
+class Pair:
+    """How one (activation, weight) pair multiplies: accumulator dtype and activation scaling."""
+
+    acc: str  # "float32" or "int32"
+    act_scale: str  # "none" (float activations), "tensor" (static scalar) or "row" (per token)
+
+
+PAIRS: dict[tuple[str, str], Pair] = {
+    **{("float32", w): Pair("float32", "none") for w in ("int4", "int8", *FLOAT8)},
+    ("int8", "int8"): Pair("int32", "tensor"),
+    ("int8", "int4"): Pair("int32", "row"),  # W4A8: dynamic per-token int8 activations
+    **{(a, w): Pair("float32", "tensor") for a in FLOAT8 for w in FLOAT8},
+}
+
+
+def dim(v: int | tirx.PrimExpr | None, name: str = "m") -> tirx.PrimExpr:
+    """An int64 extent: an int, an existing expression, or (None) a fresh symbolic variable."""
+    if v is None:
+        return tirx.Var(name, "int64")
+    if isinstance(v, int):
+        return tirx.IntImm("int64", v)
+    return v
+
+
+def _decode_int4(packed: te.Tensor, layout: Int4Layout, dtype: str):
+    tile, lanes = layout.tile, layout.lanes
+
+    def f(k, n):
+        j = n % tile
+        word = packed[n // tile, k, j % lanes].astype("int32")
+        # nibble h = j // lanes: move it to the top 4 bits, then arithmetic-shift it down
+        return ((word << (28 - 4 * (j // lanes)).astype("int32")) >> 28).astype(dtype)
+
+    return f
+
+
+def quantized_matmul(
+    m: int | tirx.PrimExpr | None,
+    k: int,
+    n: int,
+    *,
+    weight: str,
+    activation: str = "float32",
+    block_size: int | None = None,
+    accumulator_only: bool = False,
+    layout: Int4Layout = INT4,
+) -> tirx.PrimFunc:
+    """y[m, n] = x[m, k] @ dequant(w)[k, n], with the quantized operands decoded in the kernel.
+
+    Parameters, in order: x [m, k] (`activation` dtype); for int8 activations with a tensor
+    scale x_scale [1] float32 and x_zero_point [1] int8, for per-token ones x_scale [m]; for
+    fp8 activations x_scale [1]; then the weight (int4: uint32 `layout.packed_shape`, others
+    [K_pad, N] of their dtype), w_scale [ceil(K / block), N] float32, and the output y [m, n]
+    float32. `block_size=None` means one block over K (per-channel / per-tensor scales).
+    `accumulator_only` (integer pairs) drops the scales and returns acc [m, blocks, N] int32:
+    the exact integer result, for tests.
+    """
+    pair = PAIRS.get((activation, weight))
+    if pair is None:
+        raise TargetError(f"no kernel multiplies {activation} activations by {weight} weights")
+    if accumulator_only and pair.acc != "int32":
+        raise TargetError("accumulator_only needs an integer (activation, weight) pair")
+    block = k if block_size is None else block_size
+    nb = ceil_div(k, block)
+    k_pad = nb * block
+    m_, k_, n_ = dim(m), dim(k), dim(n)
+
+    x = te.placeholder((m_, k_), activation, name="x")
+    inputs = [x]
+    x_scale = x_zp = None
+    if pair.act_scale == "tensor":
+        x_scale = te.placeholder((dim(1),), "float32", name="x_scale")
+        inputs.append(x_scale)
+        if activation in INT_RANGE:
+            x_zp = te.placeholder((dim(1),), activation, name="x_zero_point")
+            inputs.append(x_zp)
+    elif pair.act_scale == "row":
+        x_scale = te.placeholder((m_,), "float32", name="x_scale")
+        inputs.append(x_scale)
+
+    if weight == "int4":
+        w = te.placeholder(tuple(dim(d) for d in layout.packed_shape(k_pad, n)), "uint32", name="w")
+        decode_f = _decode_int4(w, layout, pair.acc)
+    elif weight in FLOAT8:
+        w = te.placeholder((dim(k_pad), n_), weight, name="w")
+        decode_f = lambda kk, nn: fp8_to_float32(w[kk, nn], weight)  # noqa: E731
+    else:
+        w = te.placeholder((dim(k_pad), n_), weight, name="w")
+        decode_f = lambda kk, nn: w[kk, nn].astype(pair.acc)  # noqa: E731
+    w_scale = te.placeholder((dim(nb), n_), "float32", name="w_scale")
+    inputs += [w, w_scale]
+    decode = te.compute((dim(k_pad), n_), decode_f, name="decode")
+
+    def x_value(i, kk):
+        v = fp8_to_float32(x[i, kk], activation) if activation in FLOAT8 else x[i, kk].astype(pair.acc)
+        if x_zp is not None:
+            v = v - x_zp[0].astype(pair.acc)
+        if k_pad != k:  # ragged last block: x has no columns there (the weights are zero)
+            v = tirx.if_then_else(kk < k_, v, tirx.const(0, pair.acc))
+        return v
+
+    r = te.reduce_axis((dim(0), dim(block)), name="kk")
+    acc = te.compute(
+        (m_, dim(nb), n_),
+        lambda i, b, j: te.sum(x_value(i, b * block + r) * decode[b * block + r, j], axis=r),
+        name="acc",
+    )
+    if accumulator_only:
+        out = acc
+    else:
+        rb = te.reduce_axis((dim(0), dim(nb)), name="b")
+
+        def y_f(i, j):
+            term = acc[i, rb, j].astype("float32") * w_scale[rb, j]
+            if pair.act_scale == "tensor":
+                term = term * x_scale[0]
+            elif pair.act_scale == "row":
+                term = term * x_scale[i]
+            return te.sum(term, axis=rb)
+
+        out = te.compute((m_, n_), y_f, name="y")
+    func = te.create_prim_func([*inputs, out])
+    return func.with_attr(
+        {
+            KERNEL_ATTR: "quantized_matmul",
+            "lpcompile.weight": weight,
+            "lpcompile.activation": activation,
+            "lpcompile.tile_n": layout.tile if weight == "int4" else 128,
+            "lpcompile.lanes": layout.lanes if weight == "int4" else 16,
+        }
+    )
+
+
+def quantize_tensor(m: int | tirx.PrimExpr | None, k: int, dtype: str) -> tirx.PrimFunc:
+    """QuantizeLinear with a scalar scale: x [m, k] float32, scale [1], (int: zero_point [1]).
+
+    Integers: saturate(round_half_even(x / scale) + zero_point). Float8: the nearest value of
+    x / scale, saturated to the format's largest finite value (ONNX `saturate=1`).
+    """
+    m_, k_ = dim(m), dim(k)
+    x = te.placeholder((m_, k_), "float32", name="x")
+    scale = te.placeholder((dim(1),), "float32", name="scale")
+    if dtype in INT_RANGE:
+        zp = te.placeholder((dim(1),), dtype, name="zero_point")
+        lo, hi = INT_RANGE[dtype]
+        q = te.compute(
+            (m_, k_),
+            lambda i, j: _saturate_int(tirx.nearbyint(x[i, j] / scale[0]) + zp[0].astype("float32"), lo, hi, dtype),
+            name="quantize",
+        )
+        args = [x, scale, zp, q]
+    elif dtype in FLOAT8:
+        q = te.compute((m_, k_), lambda i, j: _saturate_float8(x[i, j] / scale[0], dtype), name="quantize")
+        args = [x, scale, q]
+    else:
+        raise TargetError(f"no quantize kernel for {dtype}")
+    return te.create_prim_func(args).with_attr({KERNEL_ATTR: "quantize_tensor"})
+
+
+def quantize_rows(m: int | tirx.PrimExpr | None, k: int, dtype: str = "int8") -> tirx.PrimFunc:
+    """Dynamic per-token quantization (the `PerTokenQDQ_int8` function): for each row,
+    scale = max(max|x| / 127, 2^-24), q = saturate(round_half_even(x / scale)).
+
+    x [m, k] float32 -> q [m, k] int8, scale [m] float32.
+    """
+    if dtype != "int8":
+        raise TargetError(f"no per-token quantize kernel for {dtype}")
+    lo, hi = INT_RANGE[dtype]
+    m_, k_ = dim(m), dim(k)
+    x = te.placeholder((m_, k_), "float32", name="x")
+    r = te.reduce_axis((dim(0), k_), name="k")
+    amax = te.compute((m_,), lambda i: te.max(tirx.abs(x[i, r]), axis=r), name="amax")
+
+    def row_scale(i):
+        return tirx.max(amax[i] / tirx.const(float(hi), "float32"), tirx.const(TINY_SCALE, "float32"))
+
+    q = te.compute(
+        (m_, k_), lambda i, j: _saturate_int(tirx.nearbyint(x[i, j] / row_scale(i)), lo, hi, dtype), name="quantize"
+    )
+    scale = te.compute((m_,), row_scale, name="row_scale")
+    return te.create_prim_func([x, q, scale]).with_attr({KERNEL_ATTR: "quantize_rows"})
+
+
+def _saturate_int(v, lo: int, hi: int, dtype: str):
+    return tirx.max(tirx.min(v, tirx.const(float(hi), "float32")), tirx.const(float(lo), "float32")).astype(dtype)
+
+
+def _saturate_float8(v, dtype: str):
+    return float32_to_fp8(v, dtype)
+
+
+# FP8 <-> fp32 with integer operations only. TVM 0.27's own float8 casts are not usable: on
+# LLVM the fp8 -> fp32 cast decodes zero and subnormals as if they were normal numbers (0 ->
+# 2^-7 for E4M3) and NaN/inf as finite values, and the fp32 -> fp8 cast does not vectorize.
+# These are exact (round to nearest even, saturating like ONNX `saturate=1`), vectorize, and
+# avoid denormal fp32 values, so flush-to-zero modes cannot change them.
+
+
+def _u32(v: int):
+    return tirx.const(v, "uint32")
+
+
+def fp8_to_float32(value, dtype: str):
+    """The exact fp32 value of an FP8 element (`value` is an expression of dtype `dtype`)."""
+    f = FP8_BITS[dtype]
+    b = tirx.reinterpret("uint8", value).astype("uint32")
+    mag = b & _u32(0x7F)
+    sign = (b & _u32(0x80)) << _u32(24)
+    normal = tirx.reinterpret("float32", (mag << _u32(23 - f.man)) + _u32((127 - f.bias) << 23))
+    subnormal = mag.astype("float32") * tirx.const(2.0 ** (1 - f.bias - f.man), "float32")
+    v = _select(mag < _u32(1 << f.man), subnormal, normal)
+    if f.max_code < 0x7C:  # E5M2: the top exponent is inf (mantissa 0) or NaN
+        v = _select(mag >= _u32(0x7C), _select(mag == _u32(0x7C), tirx.const(float("inf"), "float32"), tirx.const(float("nan"), "float32")), v)
+    else:  # E4M3FN: only S.1111.111 is special (NaN)
+        v = _select(mag == _u32(f.nan_code), tirx.const(float("nan"), "float32"), v)
+    return tirx.reinterpret("float32", tirx.reinterpret("uint32", v) | sign)
+
+
+def float32_to_fp8(v, dtype: str):
+    """fp32 -> FP8, round to nearest even, saturating to the largest finite value, NaN -> NaN."""
+    f = FP8_BITS[dtype]
+    bits = tirx.reinterpret("uint32", v)
+    sign = (bits >> _u32(24)) & _u32(0x80)
+    a = tirx.min(tirx.abs(v), tirx.const(FLOAT8[dtype], "float32"))
+    abits = tirx.reinterpret("uint32", a)
+    shift = 23 - f.man
+    # normal: round the fp32 mantissa to `man` bits (ties to even), then rebias the exponent
+    rounded = (abits + _u32((1 << (shift - 1)) - 1) + ((abits >> _u32(shift)) & _u32(1))) >> _u32(shift)
+    normal = rounded - _u32((127 - f.bias) << f.man)
+    # subnormal: a multiple of the smallest subnormal step, rounded to nearest even
+    subnormal = tirx.nearbyint(a * tirx.const(2.0 ** (f.bias - 1 + f.man), "float32")).astype("uint32")
+    code = _select(a < tirx.const(2.0 ** (1 - f.bias), "float32"), subnormal, normal)
+    is_nan = (bits & _u32(0x7FFFFFFF)) > _u32(0x7F800000)  # not `v != v`: TVM folds that to false
+    code = _select(is_nan, _u32(f.nan_code), code)
+    return tirx.reinterpret(dtype, (code | sign).astype("uint8"))
+
+
+def _select(cond, t, f):
+    # Select, not if_then_else: both sides are cheap and side-effect free, and TVM vectorizes
+    # Select into a blend (a vector if_then_else condition fails to vectorize on LLVM).
+    return tirx.Select(cond, t, f)

@@ -1,0 +1,166 @@
+"""CPU (LLVM) schedules of the kernels in `compute`: vectorized over N, parallel over N tiles.
+
+GEMV (one row): the weight decode is inlined into the inner loop, so each weight is loaded,
+decoded in registers and used once; per N tile the loop runs over K blocks, keeping the 128
+block partial sums (8 AVX-512 vectors) and the 128 outputs in registers; the block scale is
+applied once per block.
+
+GEMM (several or a symbolic number of rows): per (N tile of 64, K block) the decoded weights
+(128 x 64 fp32, 32 KiB: L1) are materialised once and reused by every 4-row micro-tile, whose
+4 x 64 partial sums live in 16 vector registers.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.s_tir import Schedule
+
+from lpcompile.backends.tvm.kernels.compute import KERNEL_ATTR
+
+K_UNROLL = 4
+M_TILE = 4
+N_SUB = 64
+
+
+def _attr(func: tirx.PrimFunc, key: str):
+    return func.attrs[key] if func.attrs is not None and key in func.attrs else None
+
+
+def _rows(func: tirx.PrimFunc):
+    m = func.params[0].shape[0]  # TVM 0.27: params are the buffers
+    return int(m) if isinstance(m, tirx.IntImm) else None
+
+
+def schedule_matmul(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    if _rows(func) == 1:
+        return _gemv(func)
+    return _gemm(func)
+
+
+def _gemv(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    tile, lanes = int(_attr(func, "lpcompile.tile_n")), int(_attr(func, "lpcompile.lanes"))
+    per = tile // lanes
+    sch = Schedule(func)
+    sch.compute_inline(sch.get_sblock("decode"))
+    acc = sch.get_sblock("acc")
+    y = sch.get_sblock("y") if _has_block(sch, "y") else None
+    if y is None:  # accumulator_only: acc is the output
+        return _gemv_acc_only(sch, acc, per, lanes)
+    y_local = sch.cache_write(y, 0, "local")
+    m, n, b = sch.get_loops(y)
+    no, nh, nl = sch.split(n, [None, per, lanes])
+    sch.reorder(m, no, b, nh, nl)
+    sch.parallel(no)
+    sch.vectorize(nl)
+    sch.compute_at(acc, b)
+    _, _, kk = sch.get_loops(acc)[-3:]
+    an = sch.get_loops(acc)[-2]
+    anh, anl = sch.split(an, [per, lanes])
+    ko, ki = sch.split(kk, [None, K_UNROLL])
+    sch.reorder(ko, ki, anh, anl)
+    sch.unroll(ki)
+    sch.unroll(anh)
+    sch.vectorize(anl)
+    sch.set_scope(acc, 0, "local")
+    sch.decompose_reduction(acc, ko)
+    sch.reverse_compute_at(y_local, no)
+    sch.vectorize(sch.get_loops(y_local)[-1])
+    sch.decompose_reduction(y, b)
+    return sch.mod["main"]
+
+
+def _gemv_acc_only(sch: Schedule, acc, per: int, lanes: int) -> tirx.PrimFunc:
+    m, b, n, kk = sch.get_loops(acc)
+    no, nh, nl = sch.split(n, [None, per, lanes])
+    ko, ki = sch.split(kk, [None, K_UNROLL])
+    sch.reorder(m, no, b, ko, ki, nh, nl)
+    sch.parallel(no)
+    sch.unroll(ki)
+    sch.vectorize(nl)
+    sch.decompose_reduction(acc, ko)
+    return sch.mod["main"]
+
+
+def _gemm(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    sch = Schedule(func)
+    decode, acc = sch.get_sblock("decode"), sch.get_sblock("acc")
+    if not _has_block(sch, "y"):
+        return _gemm_acc_only(sch, decode, acc)
+    y = sch.get_sblock("y")
+    m, n, b = sch.get_loops(y)
+    no, ni = sch.split(n, [None, N_SUB])
+    mo, mi = sch.split(m, [None, M_TILE])
+    sch.reorder(no, b, mo, mi, ni)
+    sch.parallel(no)
+    sch.vectorize(ni)
+    # acc for a 4 x 64 micro-tile, k outermost, in registers
+    sch.compute_at(acc, mo)
+    am, an, kk = sch.get_loops(acc)[-3:]  # the unit K-block loop is dropped by compute_at
+    anh, anl = sch.split(an, [None, 16])
+    sch.reorder(kk, am, anh, anl)
+    sch.unroll(am)
+    sch.unroll(anh)
+    sch.vectorize(anl)
+    sch.set_scope(acc, 0, "local")
+    sch.decompose_reduction(acc, kk)
+    # decoded weights for (N tile, K block): once, reused by every row tile
+    sch.compute_at(decode, b)
+    sch.set_scope(decode, 0, "local")
+    dk, dn = sch.get_loops(decode)[-2:]
+    dno, dni = sch.split(dn, [None, 16])
+    sch.vectorize(dni)
+    sch.decompose_reduction(y, b)
+    return sch.mod["main"]
+
+
+def _gemm_acc_only(sch: Schedule, decode, acc) -> tirx.PrimFunc:
+    sch.compute_inline(decode)
+    m, b, n, kk = sch.get_loops(acc)
+    no, ni = sch.split(n, [None, 16])
+    sch.reorder(no, m, b, kk, ni)
+    sch.parallel(no)
+    sch.vectorize(ni)
+    sch.decompose_reduction(acc, kk)
+    return sch.mod["main"]
+
+
+def schedule_quantize_tensor(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    sch = Schedule(func)
+    q = sch.get_sblock("quantize")
+    m, k = sch.get_loops(q)
+    ko, ki = sch.split(k, [None, 16])
+    sch.parallel(m)
+    sch.vectorize(ki)
+    return sch.mod["main"]
+
+
+def schedule_quantize_rows(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    sch = Schedule(func)
+    amax = sch.get_sblock("amax")
+    m, k = sch.get_loops(amax)
+    sch.parallel(m)
+    sch.reverse_compute_at(sch.get_sblock("row_scale"), m)
+    q = sch.get_sblock("quantize")
+    sch.reverse_compute_at(q, m)
+    _, ki = sch.split(sch.get_loops(q)[-1], [None, 16])
+    sch.vectorize(ki)
+    return sch.mod["main"]
+
+
+def _has_block(sch: Schedule, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+    except Exception:  # TVM raises its own error type for a missing block
+        return False
+    return True
+
+
+SCHEDULES = {
+    "quantized_matmul": schedule_matmul,
+    "quantize_tensor": schedule_quantize_tensor,
+    "quantize_rows": schedule_quantize_rows,
+}
+
+
+def schedule(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    return SCHEDULES[str(_attr(func, KERNEL_ATTR))](func)

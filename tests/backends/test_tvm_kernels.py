@@ -1,0 +1,452 @@
+"""TVM kernels against onnxruntime running the equivalent QDQ graph, and CUDA builds with nvcc.
+
+Numerics (CPU): each kernel's output is compared with ORT (optimizations off) on the same ONNX
+QDQ graph at rtol 1e-5 / atol 1e-5 of the output's largest magnitude (fp32 summation order is
+the only expected difference); quantize kernels match ORT's QuantizeLinear bit for bit and the
+integer accumulators match numpy exactly. CUDA: every kernel's generated source compiles with
+nvcc for each supported arch (numerics are the shared compute definitions checked here).
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+tvm = pytest.importorskip("tvm")
+
+from lpcompile.backends.tvm.kernels import (  # noqa: E402
+    INT4,
+    build,
+    cuda_binary,
+    onnx_weight_to_kn,
+    quantize_rows,
+    quantize_tensor,
+    quantized_matmul,
+)
+from lpcompile.backends.tvm.target import CUDA_ARCHES, cuda_target, host_target  # noqa: E402
+from lpcompile.errors import TargetError  # noqa: E402
+from tests.conftest import ort_run  # noqa: E402
+
+SHAPES = [(m, k, n) for m in (1, 7, 32) for k in (256, 384) for n in (64, 96)]
+RAGGED = (5, 200, 100)  # K not a multiple of the 128 block, N not a multiple of the tile
+NP = {
+    "int4": ml_dtypes.int4,
+    "int8": np.int8,
+    "float8_e4m3fn": ml_dtypes.float8_e4m3fn,
+    "float8_e5m2": ml_dtypes.float8_e5m2,
+}
+FP8_MAX = {"float8_e4m3fn": 448.0, "float8_e5m2": 57344.0}
+TARGET = host_target()
+
+
+def assert_close(got: np.ndarray, ref: np.ndarray, rtol: float = 1e-5, atol: float = 1e-5) -> None:
+    """|got - ref| <= rtol * |ref| + atol * max|ref| elementwise."""
+    assert got.shape == ref.shape
+    bound = rtol * np.abs(ref) + atol * float(np.abs(ref).max())
+    err = np.abs(got.astype(np.float64) - ref)
+    assert np.all(err <= bound), f"max error {err.max():.3g} (bound {bound.max():.3g}, |ref| {np.abs(ref).max():.3g})"
+
+
+# --- compiled kernels, cached for the whole module ------------------------------------------------
+
+
+@functools.cache
+def kernel(m: int | None, k: int, n: int, **kw):
+    """A compiled quantized_matmul; m=None is symbolic (one build serves every row count)."""
+    return build(quantized_matmul(m, k, n, **kw), TARGET)["main"]
+
+
+@functools.cache
+def q_tensor_kernel(k: int, dtype: str):
+    return build(quantize_tensor(None, k, dtype), TARGET)["main"]
+
+
+@functools.cache
+def q_rows_kernel(k: int):
+    return build(quantize_rows(None, k), TARGET)["main"]
+
+
+def rows(m: int) -> int | None:
+    """M = 1 uses the GEMV kernel (static), more rows the symbolic-M GEMM kernel."""
+    return 1 if m == 1 else None
+
+
+def run(fn, *arrays, out_shape, out_dtype="float32"):
+    out = tvm.runtime.tensor(np.zeros(out_shape, out_dtype))
+    fn(*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays], out)
+    return out.numpy()
+
+
+# --- ONNX reference graphs ----------------------------------------------------------------------
+
+
+def _tensor(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(array, name)
+
+
+def qdq_linear_model(
+    wq: np.ndarray, w_scale: np.ndarray, *, axis: int, block_size: int | None, gemm: bool, act=None
+) -> onnx.ModelProto:
+    """y = x' @ DQ(wq) (MatMul, W [K, N]) or Gemm(x', DQ(wq), transB=1) (W [N, K]).
+
+    act: None (x' = x), ("static", dtype, scale, zero_point) for a Q -> DQ pair, or
+    "per_token" for the `ai.lpcompile.PerTokenQDQ_int8` function.
+    """
+    k = wq.shape[1] if gemm else wq.shape[0]
+    n = wq.shape[0] if gemm else wq.shape[1]
+    inits = [_tensor("wq", wq), _tensor("ws", w_scale)]
+    dq_attrs = {"axis": axis} | ({"block_size": block_size} if block_size else {})
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"], **dq_attrs)]
+    functions, opsets = [], [helper.make_opsetid("", 21)]
+    xin = "x"
+    if act == "per_token":
+        nodes.append(helper.make_node("PerTokenQDQ_int8", ["x"], ["xd"], domain="ai.lpcompile"))
+        functions.append(per_token_function())
+        opsets.append(helper.make_opsetid("ai.lpcompile", 1))
+        xin = "xd"
+    elif act is not None:
+        _, dtype, sx, zx = act
+        inits += [_tensor("sx", np.array(sx, np.float32)), _tensor("zx", np.array(zx, NP[dtype]))]
+        nodes += [
+            helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+            helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+        ]
+        xin = "xd"
+    if gemm:
+        nodes.append(helper.make_node("Gemm", [xin, "w"], ["y"], transB=1))
+    else:
+        nodes.append(helper.make_node("MatMul", [xin, "w"], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "qdq_linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=opsets, functions=functions, ir_version=10)
+    onnx.checker.check_model(model)
+    return model
+
+
+def per_token_function() -> onnx.FunctionProto:
+    """Dynamic per-token int8 Q/DQ as the quantize pass writes it (a model-local function)."""
+
+    def const(name, array):
+        return helper.make_node("Constant", [], [name], value=_tensor(name + "_v", array))
+
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Flatten", ["x"], ["rows"], axis=-1),
+        helper.make_node("Abs", ["rows"], ["abs"]),
+        const("axes", np.array([1], np.int64)),
+        helper.make_node("ReduceMax", ["abs", "axes"], ["amax"], keepdims=0),
+        const("qmax", np.array(127.0, np.float32)),
+        helper.make_node("Div", ["amax", "qmax"], ["s0"]),
+        const("tiny", np.array(2.0**-24, np.float32)),
+        helper.make_node("Max", ["s0", "tiny"], ["scale"]),
+        const("zp", np.array(0, np.int8)),
+        helper.make_node("Shape", ["scale"], ["scale_shape"]),
+        helper.make_node("Expand", ["zp", "scale_shape"], ["zps"]),
+        helper.make_node("QuantizeLinear", ["rows", "scale", "zps"], ["q"], axis=0),
+        helper.make_node("DequantizeLinear", ["q", "scale", "zps"], ["dq"], axis=0),
+        helper.make_node("Reshape", ["dq", "shape"], ["y"]),
+    ]
+    return helper.make_function("ai.lpcompile", "PerTokenQDQ_int8", ["x"], ["y"], nodes, [helper.make_opsetid("", 21)])
+
+
+def quantize_model(k: int, dtype: str, sx: float, zx, dequantize: bool = False) -> onnx.ModelProto:
+    """QuantizeLinear alone, or (dequantize) followed by DequantizeLinear: onnxruntime's Python
+    API cannot return float8_e5m2 arrays, so fp8 codes are compared through DQ(q) = q * sx."""
+    onnx_type = helper.np_dtype_to_tensor_dtype(np.dtype(NP[dtype]))
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["q"])]
+    if dequantize:
+        nodes.append(helper.make_node("DequantizeLinear", ["q", "sx", "zx"], ["y"]))
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", k]) if dequantize else helper.make_tensor_value_info("q", onnx_type, ["M", k])
+    graph = helper.make_graph(
+        nodes,
+        "q",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+        [out],
+        initializer=[_tensor("sx", np.array(sx, np.float32)), _tensor("zx", np.array(zx, NP[dtype]))],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+# --- random operands ------------------------------------------------------------------------------
+
+
+def activations(m: int, k: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((m, k)).astype(np.float32)
+
+
+def weights(dtype: str, shape: tuple[int, int], seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed + 1)
+    if dtype == "int4":
+        return rng.integers(-8, 8, shape).astype(ml_dtypes.int4)
+    if dtype == "int8":
+        return rng.integers(-128, 128, shape).astype(np.int8)
+    return (rng.standard_normal(shape) * FP8_MAX[dtype] / 8).astype(NP[dtype])
+
+
+def weight_scales(k: int, n: int, block: int | None, gemm: bool, seed: int) -> tuple[np.ndarray, int]:
+    """(ONNX scale tensor, DequantizeLinear axis) for a MatMul [K, N] or Gemm [N, K] weight."""
+    rng = np.random.default_rng(seed + 2)
+    if block is None:
+        return rng.uniform(0.01, 0.05, n).astype(np.float32), 0 if gemm else 1
+    nb = -(-k // block)
+    s = rng.uniform(0.01, 0.05, (nb, n)).astype(np.float32)
+    return (np.ascontiguousarray(s.T), 1) if gemm else (s, 0)
+
+
+def kernel_weight(wq: np.ndarray, ws: np.ndarray, axis: int, block: int | None, gemm: bool, dtype: str):
+    """The ONNX weight repacked into the kernel's layout: (w, w_scale)."""
+    q_kn, s, blk = onnx_weight_to_kn(wq, ws, axis=axis, block_size=block, transposed=gemm)
+    k_pad = s.shape[0] * blk
+    if dtype == "int4":
+        return INT4.pack(q_kn.astype(np.int8), k_pad), s
+    padded = np.zeros((k_pad, q_kn.shape[1]), q_kn.dtype)
+    padded[: q_kn.shape[0]] = q_kn
+    return padded, s
+
+
+# --- weight-only: float activations x quantized weights ---------------------------------------------
+
+WEIGHT_ONLY = [  # (weight dtype, block size or None = per-channel, Gemm transB layout)
+    ("int4", 128, False),
+    ("int4", 128, True),
+    ("int4", None, False),
+    ("int8", None, True),
+    ("float8_e4m3fn", 128, False),
+    ("float8_e4m3fn", None, True),
+    ("float8_e5m2", None, False),
+]
+
+
+WEIGHT_ONLY_CASES = [
+    (*w, *shape) for w in WEIGHT_ONLY for shape in SHAPES + [RAGGED] if shape != RAGGED or w[1] is not None
+]  # the ragged case is about a partial last K block, so blocked scales only
+
+
+@pytest.mark.parametrize("dtype,block,gemm,m,k,n", WEIGHT_ONLY_CASES)
+def test_weight_only_matches_ort(dtype, block, gemm, m, k, n):
+    seed = m * 1000 + k + n
+    x = activations(m, k, seed)
+    wq = weights(dtype, (n, k) if gemm else (k, n), seed)
+    ws, axis = weight_scales(k, n, block, gemm, seed)
+    ref = ort_run(qdq_linear_model(wq, ws, axis=axis, block_size=block, gemm=gemm), {"x": x})[0]
+    w, s = kernel_weight(wq, ws, axis, block, gemm, dtype)
+    fn = kernel(rows(m), k, n, weight=dtype, block_size=block)
+    assert_close(run(fn, x, w, s, out_shape=(m, n)), ref)
+
+
+def test_static_row_count_gemm():
+    """A GEMM built for a fixed M (tail row tile partly out of range) matches too."""
+    m, k, n = 7, 384, 96
+    x = activations(m, k, 3)
+    wq = weights("int4", (k, n), 3)
+    ws, axis = weight_scales(k, n, 128, False, 3)
+    ref = ort_run(qdq_linear_model(wq, ws, axis=axis, block_size=128, gemm=False), {"x": x})[0]
+    w, s = kernel_weight(wq, ws, axis, 128, False, "int4")
+    assert_close(run(kernel(m, k, n, weight="int4", block_size=128), x, w, s, out_shape=(m, n)), ref)
+
+
+# --- static int8 x int8 -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("zx", [0, 3])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_int8_static_matches_ort(m, k, n, zx):
+    seed = m * 1000 + k + n + zx
+    x = activations(m, k, seed)
+    sx = float(np.abs(x).max() / 127)
+    wq = weights("int8", (k, n), seed)
+    ws, axis = weight_scales(k, n, None, False, seed)
+    # the quantize kernel is QuantizeLinear bit for bit
+    xq_ref = ort_run(quantize_model(k, "int8", sx, zx), {"x": x})[0]
+    sx_a, zx_a = np.array([sx], np.float32), np.array([zx], np.int8)
+    xq = run(q_tensor_kernel(k, "int8"), x, sx_a, zx_a, out_shape=(m, k), out_dtype="int8")
+    np.testing.assert_array_equal(xq, xq_ref)
+    # the int32 accumulator is exact
+    w, s = kernel_weight(wq, ws, axis, None, False, "int8")
+    acc = run(
+        kernel(None, k, n, weight="int8", activation="int8", accumulator_only=True),
+        xq, sx_a, zx_a, w, s, out_shape=(m, 1, n), out_dtype="int32",
+    )
+    exact = (xq.astype(np.int64) - zx) @ wq.astype(np.int64)
+    np.testing.assert_array_equal(acc[:, 0, :], exact)
+    # the fused dequantization matches the QDQ graph
+    ref = ort_run(qdq_linear_model(wq, ws, axis=axis, block_size=None, gemm=False, act=("static", "int8", sx, zx)), {"x": x})[0]
+    y = run(kernel(rows(m), k, n, weight="int8", activation="int8"), xq, sx_a, zx_a, w, s, out_shape=(m, n))
+    assert_close(y, ref)
+
+
+# --- fp8 x fp8 ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2"])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_fp8_static_matches_ort(m, k, n, dtype):
+    seed = m * 1000 + k + n
+    x = activations(m, k, seed)
+    x[0, :3] = [1e6, -1e6, 0.0]  # saturation and zero
+    sx = float(np.abs(x[1:]).max() / FP8_MAX[dtype]) if m > 1 else 0.01
+    wq = weights(dtype, (k, n), seed)
+    ws, axis = weight_scales(k, n, None, False, seed)
+    dq_ref = ort_run(quantize_model(k, dtype, sx, 0.0, dequantize=True), {"x": x})[0]
+    sx_a = np.array([sx], np.float32)
+    xq = run(q_tensor_kernel(k, dtype), x, sx_a, out_shape=(m, k), out_dtype=dtype)
+    np.testing.assert_array_equal(xq.astype(np.float32) * np.float32(sx), dq_ref)
+    ref = ort_run(qdq_linear_model(wq, ws, axis=axis, block_size=None, gemm=False, act=("static", dtype, sx, 0.0)), {"x": x})[0]
+    w, s = kernel_weight(wq, ws, axis, None, False, dtype)
+    y = run(kernel(rows(m), k, n, weight=dtype, activation=dtype), xq, sx_a, w, s, out_shape=(m, n))
+    assert_close(y, ref)
+
+
+# --- W4A8: dynamic per-token int8 activations x int4 weights --------------------------------------
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES + [RAGGED])
+def test_w4a8_matches_ort(m, k, n):
+    seed = m * 1000 + k + n
+    x = activations(m, k, seed)
+    if m > 1:
+        x[-1] = 0.0  # an all-zero token takes the 2^-24 scale floor
+    wq = weights("int4", (k, n), seed)
+    ws, axis = weight_scales(k, n, 128, False, seed)
+    xq, xs = [tvm.runtime.tensor(np.zeros(shape, dt)) for shape, dt in (((m, k), "int8"), ((m,), "float32"))]
+    q_rows_kernel(k)(tvm.runtime.tensor(x), xq, xs)
+    xq, xs = xq.numpy(), xs.numpy()
+    # the row quantizer is the PerTokenQDQ function exactly (DQ(Q(x)) = q * scale in fp32)
+    dq_ref = ort_run(per_token_model(k), {"x": x})[0]
+    np.testing.assert_array_equal(xq.astype(np.float32) * xs[:, None], dq_ref)
+    w, s = kernel_weight(wq, ws, axis, 128, False, "int4")
+    acc = run(
+        kernel(None, k, n, weight="int4", activation="int8", block_size=128, accumulator_only=True),
+        xq, xs, w, s, out_shape=(m, s.shape[0], n), out_dtype="int32",
+    )
+    kp = s.shape[0] * 128
+    xq_pad = np.zeros((m, kp), np.int64)
+    xq_pad[:, :k] = xq
+    wq_pad = np.zeros((kp, n), np.int64)
+    wq_pad[:k] = wq.astype(np.int64)
+    exact = np.einsum("mbk,bkn->mbn", xq_pad.reshape(m, -1, 128), wq_pad.reshape(-1, 128, n))
+    np.testing.assert_array_equal(acc, exact)
+    ref = ort_run(qdq_linear_model(wq, ws, axis=axis, block_size=128, gemm=False, act="per_token"), {"x": x})[0]
+    y = run(kernel(rows(m), k, n, weight="int4", activation="int8", block_size=128), xq, xs, w, s, out_shape=(m, n))
+    assert_close(y, ref)
+
+
+def per_token_model(k: int) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("PerTokenQDQ_int8", ["x"], ["y"], domain="ai.lpcompile")],
+        "per_token",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", k])],
+    )
+    return helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("ai.lpcompile", 1)],
+        functions=[per_token_function()],
+        ir_version=10,
+    )
+
+
+# --- FP8 codecs: every code decodes exactly, encoding rounds to nearest even and saturates ----------
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_fp8_codecs_exact(dtype):
+    from tvm import te
+    from tvm.s_tir import Schedule
+
+    from lpcompile.backends.tvm.kernels.compute import fp8_to_float32
+
+    codes = np.arange(256, dtype=np.uint8).view(NP[dtype])
+    a = te.placeholder((256,), dtype, name="a")
+    sch = Schedule(te.create_prim_func([a, te.compute((256,), lambda i: fp8_to_float32(a[i], dtype), name="d")]))
+    sch.vectorize(sch.split(sch.get_loops(sch.get_sblock("d"))[0], [None, 16])[1])
+    got = run(tvm.compile(sch.mod, target=TARGET)["main"], codes, out_shape=(256,))
+    want = codes.astype(np.float32)
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))  # signed zeros too
+    # encoding: every finite code, the midpoints between neighbours (ties), their neighbours,
+    # overflow (saturates), NaN
+    finite = np.unique(want[~nan])
+    mids = (finite[1:] + finite[:-1]) / 2
+    vals = np.concatenate([finite, mids, np.nextafter(mids, np.inf), np.nextafter(mids, -np.inf), [1e30, -1e30, np.nan, -0.0]])
+    vals = np.resize(vals.astype(np.float32), (-(-vals.size // 256) * 256,)).reshape(-1, 256)
+    enc = run(q_tensor_kernel(256, dtype), vals, np.array([1.0], np.float32), out_shape=vals.shape, out_dtype=dtype)
+    ref = np.clip(vals, -FP8_MAX[dtype], FP8_MAX[dtype]).astype(NP[dtype])  # ml_dtypes: RNE
+    np.testing.assert_array_equal(np.isnan(enc.astype(np.float32)), np.isnan(vals))
+    ok = ~np.isnan(vals)
+    np.testing.assert_array_equal(enc.view(np.uint8)[ok], ref.view(np.uint8)[ok])
+
+
+# --- layouts and refusals -----------------------------------------------------------------------
+
+
+def test_int4_pack_roundtrip_and_layout():
+    q = np.random.default_rng(0).integers(-8, 8, (200, 300))
+    packed = INT4.pack(q, 256)
+    assert packed.shape == (3, 256, 16) and packed.dtype == np.uint32
+    np.testing.assert_array_equal(INT4.unpack(packed, 200, 300), q)
+    # output j of a tile is nibble j // 16 of word j % 16
+    assert (packed[0, 0, 5] >> 8) & 0xF == q[0, 37] & 0xF
+
+
+def test_unknown_pair_is_refused():
+    with pytest.raises(TargetError, match="int8 activations by float8_e4m3fn"):
+        quantized_matmul(1, 256, 64, weight="float8_e4m3fn", activation="int8")
+
+
+# --- CUDA: every kernel compiles with nvcc for every supported arch --------------------------------
+
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not on PATH")
+
+
+def cuda_kernels(fp8: bool) -> dict:
+    k, n = 256, 96
+    funcs = {
+        "int4_gemv": quantized_matmul(1, k, n, weight="int4", block_size=128),
+        "int4_gemm": quantized_matmul(None, k, n, weight="int4", block_size=128),
+        "int8_weight_gemm": quantized_matmul(None, k, n, weight="int8"),
+        "int8_int8_gemm": quantized_matmul(None, k, n, weight="int8", activation="int8"),
+        "w4a8_gemm": quantized_matmul(None, k, n, weight="int4", activation="int8", block_size=128),
+        "quantize_int8": quantize_tensor(None, k, "int8"),
+        "quantize_rows_int8": quantize_rows(None, k),
+    }
+    if fp8:
+        for dt in ("float8_e4m3fn", "float8_e5m2"):
+            funcs[f"{dt}_weight_gemm"] = quantized_matmul(None, k, n, weight=dt, block_size=128)
+            funcs[f"{dt}_{dt}_gemm"] = quantized_matmul(None, k, n, weight=dt, activation=dt)
+            funcs[f"quantize_{dt}"] = quantize_tensor(None, k, dt)
+    return funcs
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", CUDA_ARCHES)
+def test_cuda_kernels_compile_with_nvcc(arch):
+    target = cuda_target(arch)
+    fp8 = int(arch[3:]) >= 89
+    funcs = cuda_kernels(fp8)
+    ex = build(funcs, target)
+    source = ex.mod.imports[0].inspect_source()
+    for name in funcs:
+        assert f"{name}_kernel" in source, name
+    if fp8:
+        assert "__nv_fp8" in source
+    binary = cuda_binary(ex, target)
+    assert len(binary) > 1000
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_86"])
+def test_cuda_fp8_needs_sm89(arch):
+    with pytest.raises(TargetError, match="sm_89"):
+        build(quantized_matmul(None, 256, 64, weight="float8_e4m3fn"), cuda_target(arch))
