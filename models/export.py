@@ -238,6 +238,19 @@ def build(
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
 
 
+def write_length_buckets(tokens: dict[str, np.ndarray], directory: Path) -> int:
+    """Token batches grouped by true length, unpadded, one .npz per length in `directory`.
+
+    Padding rows are real rows to the model: calibrating on 64-token padded sentences of ~15
+    tokens would make most statistics (ranges, XᵀX) describe padding. Returns the file count."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lengths = tokens["attention_mask"].sum(axis=1)
+    for length in sorted(set(lengths.tolist())):
+        rows = lengths == length
+        np.savez(directory / f"len{length:03d}.npz", **{k: v[rows][:, :length] for k, v in tokens.items()})
+    return len(set(lengths.tolist()))
+
+
 def _sidecar(path: Path, kind: str) -> Path:
     stem = path.name[: -len(".onnx")] if path.name.endswith(".onnx") else path.name
     return path.with_name(f"{stem}.{kind}.npz")
@@ -277,12 +290,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         calib_path, eval_path = _sidecar(args.out, "calib"), _sidecar(args.out, "eval")
         np.savez(calib_path, **spec["calib"])
         np.savez(eval_path, **spec["eval"])
+        if "attention_mask" in spec["calib"]:
+            buckets = write_length_buckets(spec["calib"], args.out.with_name(calib_path.name[: -len(".npz")]))
     except Exception as e:  # one-line reason, non-zero exit
         print(f"models.export: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in spec["calib"].items())
     print(f"wrote {args.out} (built in {t1 - t0:.1f} s, exported in {t2 - t1:.1f} s)")
     print(f"wrote {calib_path} ({shapes}) and {eval_path}")
+    if "attention_mask" in spec["calib"]:
+        print(f"wrote {calib_path.with_suffix('')}/ ({buckets} files of unpadded sentences grouped by length)")
     return 0
 
 

@@ -85,7 +85,7 @@ class Quantize(ir.passes.InPlacePass):
                     quantized_weights[key] = self._quantize_weight(model, layer, plan, calibration)
                 layer.node.replace_input_with(0 if layer.kind == "embedding" else 1, quantized_weights[key])
                 layer.node.metadata_props[WEIGHT_FORMAT_KEY] = str(plan.weights)
-                layer.node.metadata_props[METHOD_KEY] = plan.method
+                layer.node.metadata_props[METHOD_KEY] = self._effective_method(layer, plan, calibration)
                 self.stats["weights"] += 1
             if plan.activations is not None and layer.activation is not None:
                 key = (layer.activation.name, str(plan.activations))
@@ -124,17 +124,26 @@ class Quantize(ir.passes.InPlacePass):
 
     # --- mechanism: weights ----------------------------------------------------------------------
 
+    @staticmethod
+    def _gram(layer: LinearLayer, calibration: Calibration | None) -> np.ndarray | None:
+        if calibration is None or layer.activation is None:
+            return None
+        st = calibration.stats.get(layer.activation.name)
+        return st.gram if st is not None else None
+
+    def _effective_method(self, layer: LinearLayer, plan: LayerPlan, calibration: Calibration | None) -> str:
+        """GPTQ needs the layer's XᵀX; without calibration it is MSE-clipped rounding."""
+        if plan.method == "gptq" and self._gram(layer, calibration) is None:
+            return "mse"
+        return plan.method
+
     def _quantize_weight(
         self, model: ir.Model, layer: LinearLayer, plan: LayerPlan, calibration: Calibration | None
     ) -> ir.Value:
-        spec = plan.weights
         stored = layer.weight.const_value.numpy().astype(np.float32)
         canonical = stored.T if layer.transposed else stored
-        gram = None
-        if plan.method == "gptq" and calibration is not None and layer.activation is not None:
-            st = calibration.stats.get(layer.activation.name)
-            gram = st.gram if st is not None else None
-        q = quantize_weight(canonical, spec, plan.method, gram)
+        method = self._effective_method(layer, plan, calibration)
+        q = quantize_weight(canonical, plan.weights, method, self._gram(layer, calibration))
         return _emit_dequantize(model.graph, layer, q)
 
     # --- mechanism: activations ------------------------------------------------------------------

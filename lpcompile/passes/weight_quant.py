@@ -85,9 +85,15 @@ def _ungroup_params(p: np.ndarray, spec: QuantSpec, shape: tuple[int, int]) -> n
     return p.reshape(group_shape(spec, shape)) if group_shape(spec, shape) else p.reshape(())
 
 
-def find_scales(w: np.ndarray, spec: QuantSpec, clip_search: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Scales (and zero points for asymmetric ints) per group, in `group_shape` layout."""
+def find_scales(
+    w: np.ndarray, spec: QuantSpec, clip_search: bool, importance: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scales (and zero points for asymmetric ints) per group, in `group_shape` layout.
+
+    `importance` [K] weighs each input feature's squared error in the clipping search (the
+    diagonal of XᵀX: an error on a loud input channel costs more at the layer output)."""
     rows = _grouped(w, spec)
+    imp = 1.0 if importance is None else _grouped(np.broadcast_to(importance[:, None], w.shape), spec)
     fmt = spec.format
     ratios = _CLIP_RATIOS if clip_search else np.ones(1)
     if spec.symmetric:
@@ -97,7 +103,7 @@ def find_scales(w: np.ndarray, spec: QuantSpec, clip_search: bool) -> tuple[np.n
             best_err = np.full(len(rows), np.inf)
             for r in ratios:
                 s = _safe(absmax * r / fmt.max_finite)
-                err = ((fmt.quantize(rows / s[:, None]) * s[:, None] - rows) ** 2).sum(axis=1)
+                err = (imp * (fmt.quantize(rows / s[:, None]) * s[:, None] - rows) ** 2).sum(axis=1)
                 better = err < best_err
                 best_scale = np.where(better, s, best_scale)
                 best_err = np.where(better, err, best_err)
@@ -111,7 +117,7 @@ def find_scales(w: np.ndarray, spec: QuantSpec, clip_search: bool) -> tuple[np.n
         s = _safe((hi - lo) * r / (fmt.qmax - fmt.qmin))
         z = np.clip(np.rint(fmt.qmin - lo * r / s), fmt.qmin, fmt.qmax)
         q = np.clip(np.rint(rows / s[:, None]) + z[:, None], fmt.qmin, fmt.qmax)
-        err = (((q - z[:, None]) * s[:, None] - rows) ** 2).sum(axis=1)
+        err = (imp * ((q - z[:, None]) * s[:, None] - rows) ** 2).sum(axis=1)
         better = err < best_err
         best_s, best_z, best_err = np.where(better, s, best_s), np.where(better, z, best_z), np.where(better, err, best_err)
     shape = w.shape
@@ -138,61 +144,49 @@ def quantize_rtn(w: np.ndarray, spec: QuantSpec, clip_search: bool = True) -> Qu
 
 
 def quantize_gptq(
-    w: np.ndarray, spec: QuantSpec, gram: np.ndarray, damp: float = 0.01, block: int = 128
+    w: np.ndarray, spec: QuantSpec, gram: np.ndarray, damp: float = 0.01, block: int = 128, act_order: bool = True
 ) -> QuantizedWeight:
     """GPTQ on canonical [K, N] weights with H = XᵀX [K, K] of the layer's inputs.
 
-    Per-block specs must block along K (axis 0); per-channel along N (axis 1) or per-tensor
-    scales are found once on the original weights.
+    Scales are found first on the original weights (MSE clipping per group), then rows are
+    quantized in order of decreasing H diagonal (`act_order`: the inputs with the most energy
+    first, while the most freedom is left to compensate) and each row's error is spread over the
+    rows still to come. Groups must lie along K (per-block on axis 0), or be per output channel.
     """
     w = np.array(w, np.float64)
     k, n = w.shape
     g = spec.granularity
     if isinstance(g, PerBlock) and g.axis != 0 or isinstance(g, PerChannel) and g.axis != 1:
         raise ValueError(f"GPTQ needs groups along the input axis, got {spec}")
+    scale, zp = find_scales(w.astype(np.float32), spec, clip_search=True, importance=np.diag(gram).copy())
+    full_s = np.array(expand_groups(scale, spec, (k, n)), np.float64)
+    full_z = None if zp is None else np.array(expand_groups(zp, spec, (k, n)), np.float64)
     h = np.array(gram, np.float64)
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     w[dead, :] = 0.0
     h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    w, h, full_s = w[perm], h[perm][:, perm], full_s[perm]
+    full_z = full_z[perm] if full_z is not None else None
     u = _inverse_cholesky_upper(h)
-
-    group = g.size if isinstance(g, PerBlock) else k
-    scales = np.zeros(group_shape(spec, (k, n)) or (1,), np.float32).reshape(-1, n) if isinstance(g, PerBlock) else None
-    zps = np.zeros_like(scales) if (scales is not None and not spec.symmetric) else None
-    fixed_s, fixed_z = (None, None) if isinstance(g, PerBlock) else find_scales(w.astype(np.float32), spec, True)
     codes = np.zeros((k, n), np.float32)
     fmt = spec.format
-    cur_s = cur_z = None
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
         wb = w[b0:b1].copy()
         err = np.zeros_like(wb)
         for i in range(b1 - b0):
             row = b0 + i
-            if row % group == 0 or cur_s is None:
-                if isinstance(g, PerBlock):
-                    sub = QuantSpec(spec.format, PerChannel(1), spec.symmetric, spec.scale_method)
-                    end = min(row + group, k)
-                    rows_now = np.concatenate([wb[i:], w[b1:end]]) if end > b1 else wb[i : i + (end - row)]
-                    s, z = find_scales(rows_now.astype(np.float32), sub, True)
-                    scales[row // group] = s
-                    if zps is not None:
-                        zps[row // group] = z
-                    cur_s, cur_z = s.astype(np.float64), (z.astype(np.float64) if z is not None else None)
-                else:
-                    cur_s = np.broadcast_to(np.asarray(fixed_s, np.float64), (n,))
-                    cur_z = None if fixed_z is None else np.broadcast_to(np.asarray(fixed_z, np.float64), (n,))
-            q = _to_codes(wb[i], cur_s, cur_z, fmt)
+            z = full_z[row] if full_z is not None else None
+            q = _to_codes(wb[i], full_s[row], z, fmt)
             codes[row] = q
-            deq = (q - (cur_z if cur_z is not None else 0.0)) * cur_s
-            e = (wb[i] - deq) / u[row, row]
-            wb[i + 1 :] -= np.outer(u[row, row + 1 : b1], e)
-            err[i] = e
+            deq = (q - (z if z is not None else 0.0)) * full_s[row]
+            err[i] = (wb[i] - deq) / u[row, row]
+            wb[i + 1 :] -= np.outer(u[row, row + 1 : b1], err[i])
         w[b1:] -= u[b0:b1, b1:].T @ err
-    if isinstance(g, PerBlock):
-        return QuantizedWeight(codes, scales, zps, spec)
-    return QuantizedWeight(codes, np.asarray(fixed_s, np.float32), fixed_z, spec)
+    codes = codes[np.argsort(perm)]
+    return QuantizedWeight(codes, scale, zp, spec)
 
 
 def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
