@@ -42,11 +42,18 @@ class _Progress:
         self.stream.flush()
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line too (argparse prints the whole usage block by default)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"lpcompile: error: {message} (see lpcompile --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lpcompile.api import EMITS, TARGETS
     from lpcompile.recipes import RECIPES
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="lpcompile",
         description="Quantize an ONNX model to INT4/INT8/FP8 and compile it for a target.",
         epilog="formats: " + "; ".join(f"{r.name} = {r.description}" for r in RECIPES.values()),
@@ -96,10 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lpcompile: interrupted", file=sys.stderr)
         return 130
-    t = result.report["totals"]
     if not args.quiet:
         print(_summary(out, result.report), file=sys.stdout)
-    return 0 if t is not None else 1
+    return 0
 
 
 def _summary(out: Path, report: dict) -> str:

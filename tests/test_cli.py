@@ -1,0 +1,85 @@
+"""The command line as a user runs it: a real subprocess, real files."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from tests.conftest import mlp_model, ort_run, sqnr_db
+
+
+def lpcompile(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lpcompile.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "mlp.onnx"
+    ir.save(mlp_model(), path)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((32, 8, 256)).astype(np.float32))
+    return path
+
+
+def test_compile_writes_the_qdq_model_and_reports(model_file, tmp_path):
+    out = tmp_path / "out.lpc"
+    r = lpcompile(model_file, "--target", "llvm", "--format", "int8", "--calibration", tmp_path / "calib.npz",
+                  "-o", out, "--exclude", ":last")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["model.qdq.onnx", "report.json", "report.md"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["format"] == "int8" and report["target"] == "llvm"
+    layers = {l["name"]: l for l in report["layers"]}
+    assert set(layers) == {"w1", "w2"}  # w3 is the last linear layer: excluded
+    for l in layers.values():
+        assert l["weight_format"] == "int8:channel(1):sym" and l["activation_format"] == "uint8:tensor:asym"
+        assert l["weight_bytes"] < l["weight_bytes_fp32"] / 3.9 and l["sqnr_db"] > 25
+    t = report["totals"]
+    for key in ("weight_bytes_fp32", "weight_bytes", "output_sqnr_db", "output_cosine"):
+        assert t[key] is not None
+    # the report's numbers are the QDQ model's real numbers in onnxruntime
+    x = {"x": np.random.default_rng(0).standard_normal((32, 8, 256)).astype(np.float32)}
+    measured = sqnr_db(ort_run(ir.load(model_file), x)[0], ort_run(ir.load(out / "model.qdq.onnx"), x)[0])
+    assert abs(measured - t["output_sqnr_db"]) < 0.01
+    assert "| w1 | MatMul |" in (out / "report.md").read_text()
+    assert "calibrate:" in r.stderr  # progress was shown
+
+
+def test_default_output_dir_and_random_smoke_run(model_file):
+    r = lpcompile(model_file, "--format", "int4", "--calibration", "random:4")
+    assert r.returncode == 0, r.stderr
+    out = model_file.with_name("mlp.lpc")
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"]["is_random"]
+    assert "Smoke run" in (out / "report.md").read_text() and "smoke run" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["missing.onnx"], "no such model file"),
+        (["{bad}"], "not a valid ONNX model"),
+        (["{model}", "--format", "int3"], "invalid choice"),
+        (["{model}", "--target", "tpu"], "invalid choice"),
+        (["{model}", "--format", "int8"], "needs calibration data"),
+        (["{model}", "--format", "int8", "--calibration", "{nan}"], "holds NaN"),
+        (["{model}", "--format", "int8", "--calibration", "{wrong}"], "missing model input"),
+        (["{model}", "--emit", "tvm"], "cannot emit"),
+    ],
+)
+def test_bad_input_is_one_line_nonzero_and_leaves_nothing(model_file, tmp_path, args, message):
+    (tmp_path / "bad.onnx").write_bytes(b"\x08\x07garbage that is not protobuf")
+    np.savez(tmp_path / "nan.npz", x=np.full((2, 8, 256), np.nan, np.float32))
+    np.savez(tmp_path / "wrong.npz", y=np.zeros((2, 8, 256), np.float32))
+    subst = {"{model}": model_file, "{bad}": tmp_path / "bad.onnx", "{nan}": tmp_path / "nan.npz",
+             "{wrong}": tmp_path / "wrong.npz"}
+    before = set(tmp_path.iterdir())
+    r = lpcompile(*[subst.get(a, a) for a in args], "-o", tmp_path / "out", cwd=tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lpcompile: error:") and message in lines[0], r.stderr
+    assert set(tmp_path.iterdir()) == before  # no output dir, no temporary left behind
