@@ -92,13 +92,15 @@ def compile(
     calibration: Any = None,
     exclude: Sequence[str] = (),
     example_inputs: Any = None,
+    dynamic: Any = None,
     emit: Sequence[str] = ("onnx",),
     batch_size: int = 8,
     progress: Progress | None = None,
 ) -> CompiledModel:
     """Quantize `model` (path, ModelProto, IR model or torch module) with the recipe `format`
     for `target`. `calibration`: see `lpcompile.calibration_data`; recipes with static
-    activation scales or GPTQ need it, others use it only to measure the error in the report."""
+    activation scales need it; GPTQ uses it (else MSE rounding); it also measures the report's
+    errors. For torch modules: `example_inputs` and `dynamic` as in `capture`."""
     if target not in TARGETS:
         raise TargetError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
     unknown = [e for e in emit if e not in EMITS]
@@ -112,7 +114,10 @@ def compile(
         return _Stage(name, stages, done)
 
     with stage("capture"):
-        float_model = capture(model, example_inputs)
+        float_model = capture(model, example_inputs, dynamic)
+        # Quantizing reads every weight anyway; reading external data now keeps the float
+        # reference and its copy independent of the files they came from.
+        ir.external_data.load_to_model(float_model)
     if not find_linear_layers(float_model.graph):
         raise PassError("the model has no linear layers (MatMul/Gemm/Gather with constant weights) to quantize")
     with stage("load calibration"):

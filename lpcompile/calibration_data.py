@@ -67,11 +67,23 @@ class CalibrationData:
     _random_n: int = 0
     seed: int = 0
 
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size a model with a static first dimension demands."""
+        dims = {s.shape[0] for s in self.specs if s.shape and isinstance(s.shape[0], int)}
+        return dims.pop() if len(dims) == 1 else None
+
     def batches(self, batch_size: int = 8) -> Iterator[dict[str, np.ndarray]]:
+        """Batches of `batch_size` samples; for a model with a static batch dimension, batches
+        of exactly that size (samples left over at the end of a block are skipped)."""
+        fixed = self.fixed_batch
+        size = fixed or batch_size
         for block in self._blocks():
             n = _num_samples(block)
-            for start in range(0, n, batch_size):
-                yield {k: v[start : start + batch_size] for k, v in block.items()}
+            for start in range(0, n, size):
+                if fixed and start + size > n:
+                    break
+                yield {k: v[start : start + size] for k, v in block.items()}
 
     @property
     def num_samples(self) -> int:
@@ -157,6 +169,9 @@ def _validate(block: dict, specs: list[InputSpec], where: str) -> dict[str, np.n
                 f"{where}: input {spec.name!r} has rank {arr.ndim}, the model expects {len(spec.shape)} "
                 f"(first axis = samples)"
             )
+        if spec.shape and isinstance(spec.shape[0], int) and arr.shape[0] < spec.shape[0]:
+            raise CalibrationError(f"{where}: input {spec.name!r} has {arr.shape[0]} samples, fewer than the "
+                                   f"model's static batch size {spec.shape[0]}")
         for axis, dim in enumerate(spec.shape):
             if isinstance(dim, int) and axis > 0 and arr.shape[axis] != dim:
                 raise CalibrationError(f"{where}: input {spec.name!r} has shape {arr.shape}, the model expects {spec.shape}")

@@ -21,12 +21,14 @@ from lpcompile.passes.quantize import ACTIVATION_FORMAT_KEY, LAYER_KEY, METHOD_K
 
 @dataclass
 class _Error:
+    count: int = 0
     signal: float = 0.0
     noise: float = 0.0
     cosines: list[float] = field(default_factory=list)
 
     def add(self, ref: np.ndarray, got: np.ndarray, per_sample_cosine: bool = False) -> None:
         ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+        self.count += ref64.size
         self.signal += float((ref64**2).sum())
         self.noise += float(((ref64 - got64) ** 2).sum())
         if per_sample_cosine:
@@ -38,6 +40,8 @@ class _Error:
 
     @property
     def sqnr_db(self) -> float:
+        if self.count == 0:
+            return float("nan")
         if self.noise == 0.0:
             return float("inf")
         return 10.0 * float(np.log10(self.signal / self.noise)) if self.signal > 0 else float("-inf")
@@ -120,8 +124,10 @@ def build_report(
         )
     outputs = {}
     for name, err in per_output.items():
-        cos = np.array(err.cosines) if err.cosines else np.array([np.nan])
-        outputs[name] = {"sqnr_db": _num(err.sqnr_db), "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
+        cos = np.array(err.cosines)
+        outputs[name] = {"sqnr_db": _num(err.sqnr_db),
+                         "cosine_mean": float(cos.mean()) if len(cos) else None,
+                         "cosine_min": float(cos.min()) if len(cos) else None}
     first = next(iter(outputs.values()), {"sqnr_db": None, "cosine_mean": None})
     all_fp32 = sum(_packed_bytes(v.const_value) * 32 // max(v.const_value.dtype.bitwidth, 1)
                    for v in float_model.graph.initializers.values() if v.const_value is not None
