@@ -230,7 +230,9 @@ WEIGHT_ONLY = [  # (weight dtype, block size or None = per-channel, Gemm transB 
 
 WEIGHT_ONLY_CASES = [
     (*w, *shape) for w in WEIGHT_ONLY for shape in SHAPES + [RAGGED] if shape != RAGGED or w[1] is not None
-]  # the ragged case is about a partial last K block, so blocked scales only
+] + [  # the ragged case is about a partial last K block, so blocked scales only
+    ("int4", 128, gemm, 1, k, n) for gemm in (False, True) for k, n in ((256, 128), (384, 256))
+]  # N a multiple of 128: the AVX-512 GEMV kernel on hosts that have it
 
 
 @pytest.mark.parametrize("dtype,block,gemm,m,k,n", WEIGHT_ONLY_CASES)
@@ -254,6 +256,30 @@ def test_static_row_count_gemm():
     ref = ort_run(qdq_linear_model(wq, ws, axis=axis, block_size=128, gemm=False), {"x": x})[0]
     w, s = kernel_weight(wq, ws, axis, 128, False, "int4")
     assert_close(run(kernel(m, k, n, weight="int4", block_size=128), x, w, s, out_shape=(m, n)), ref)
+
+
+has_avx512 = pytest.mark.skipif(
+    not tvm.target.codegen.target_has_features("avx512f", TARGET), reason="host CPU without AVX-512"
+)
+
+
+@has_avx512
+@pytest.mark.parametrize("k,n,block", [(256, 128, 128), (384, 256, 128), (256, 256, None)])
+def test_avx512_int4_gemv_is_the_compute_definition(k, n, block):
+    """The hand-scheduled GEMV is bit-identical to the generic schedule of the shared compute."""
+    from lpcompile.backends.tvm.kernels import cpu
+
+    func = quantized_matmul(1, k, n, weight="int4", block_size=block)
+    special = cpu.schedule(func, TARGET)
+    assert "permvar" in special.script()  # the specialisation applied
+    generic = tvm.compile(tvm.IRModule({"main": cpu.schedule(func, TARGET, generic_only=True)}), target=TARGET)["main"]
+    fast = tvm.compile(tvm.IRModule({"main": special}), target=TARGET)["main"]
+    x = activations(1, k, 7)
+    wq = weights("int4", (k, n), 7)
+    ws, axis = weight_scales(k, n, block, False, 7)
+    w, s = kernel_weight(wq, ws, axis, block, False, "int4")
+    a, b = run(generic, x, w, s, out_shape=(1, n)), run(fast, x, w, s, out_shape=(1, n))
+    np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
 # --- static int8 x int8 -----------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def schedule(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
     scheduler = SCHEDULERS.get(target.kind.name)
     if scheduler is None:
         raise TargetError(f"no kernel schedules for target kind {target.kind.name!r}")
-    return scheduler(func)
+    return scheduler(func, target)
 
 
 def build(funcs: tirx.PrimFunc | Mapping[str, tirx.PrimFunc], target: tvm.target.Target) -> tvm.runtime.Executable:

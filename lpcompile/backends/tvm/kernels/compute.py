@@ -180,6 +180,9 @@ def quantized_matmul(
             "lpcompile.activation": activation,
             "lpcompile.tile_n": layout.tile if weight == "int4" else 128,
             "lpcompile.lanes": layout.lanes if weight == "int4" else 16,
+            "lpcompile.k": k,
+            "lpcompile.n": n,
+            "lpcompile.block": block,
         }
     )
 

@@ -12,9 +12,11 @@ GEMM (several or a symbolic number of rows): per (N tile of 64, K block) the dec
 
 from __future__ import annotations
 
+import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
 
+from lpcompile.backends.tvm.kernels import x86
 from lpcompile.backends.tvm.kernels.compute import KERNEL_ATTR
 
 K_UNROLL = 4
@@ -162,5 +164,14 @@ SCHEDULES = {
 }
 
 
-def schedule(func: tirx.PrimFunc) -> tirx.PrimFunc:
+def schedule(func: tirx.PrimFunc, target: tvm.target.Target, generic_only: bool = False) -> tirx.PrimFunc:
+    """The kernel for an LLVM target: a hand-scheduled ISA-specific kernel where one applies
+    (first match wins), else the generic schedule of the compute definition."""
+    if not generic_only:
+        for applies, specialise in SPECIALISED:
+            if applies(func, target):
+                return specialise(func)
     return SCHEDULES[str(_attr(func, KERNEL_ATTR))](func)
+
+
+SPECIALISED = [(x86.applies, x86.int4_gemv)]

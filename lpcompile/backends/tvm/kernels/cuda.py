@@ -80,5 +80,5 @@ SCHEDULES = {
 }
 
 
-def schedule(func: tirx.PrimFunc) -> tirx.PrimFunc:
+def schedule(func: tirx.PrimFunc, target=None) -> tirx.PrimFunc:
     return SCHEDULES[str(func.attrs[KERNEL_ATTR])](func)
