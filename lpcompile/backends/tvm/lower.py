@@ -1,0 +1,426 @@
+"""Lower a QDQ ONNX model (lpcompile's quantize conventions, opset 21) to a Relax module whose
+quantized linear layers call lpcompile's low-bit kernels.
+
+TVM's ONNX importer (`tvm.relax.frontend.onnx`) is extended, not edited: `QdqImporter`
+subclasses its graph importer, reads int4/uint4 initializers it cannot, and puts our converter
+classes (subclasses of its `OnnxOpConverter`s) in front of its converter table. The patterns
+are matched while importing, in dataflow order:
+
+    DequantizeLinear(constant w_q, constant scale)    -> remembered as a quantized weight
+    QuantizeLinear(x, scalar scale, scalar zp)        -> quantize kernel, remembered as a
+    DequantizeLinear(that q)                             quantized activation
+    ai.lpcompile::PerTokenQDQ_int8(x)                 -> per-token quantize kernel, remembered
+    MatMul(a, weight) / Gemm(a, weight[, bias])       -> one call_tir to `quantized_matmul` with
+                                                         the weight repacked at compile time;
+                                                         a quantized `a` whose (activation,
+                                                         weight) pair has a kernel is consumed
+                                                         in its integer/fp8 form
+
+Every remembered value also has an exact float fallback (the dequantized value), so a DQ or a
+quantized activation whose consumer is anything else still computes what ONNX says; fallbacks
+nobody uses are removed by dead-code elimination. `LoweringReport` counts what fired and why
+a match was refused.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import ml_dtypes
+import numpy as np
+import onnx
+import tvm
+from tvm import relax, tirx
+from tvm.relax.frontend.onnx import onnx_frontend as ox
+from tvm.sym.analyzer import Analyzer  # tvm.arith in older TVM
+
+from lpcompile.backends.tvm import kernels as K
+from lpcompile.backends.tvm.kernels.compute import FLOAT8
+from lpcompile.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "ai.lpcompile"
+OPAQUE = 8  # relax OpPatternKind.kOpaque: never fuse other ops into a scheduled kernel
+_ML_DTYPES = {
+    onnx.TensorProto.INT4: ("int4", ml_dtypes.int4),
+    onnx.TensorProto.UINT4: ("uint4", ml_dtypes.uint4),
+}
+
+
+@dataclass
+class QuantizedWeight:
+    """A constant `DequantizeLinear` input, kept in its integer / fp8 form (numpy)."""
+
+    q: np.ndarray  # values as stored (int4/uint4 widened to int8/uint8), ONNX layout
+    dtype: str  # "int4", "int8", "float8_e4m3fn", "float8_e5m2", ...
+    scale: np.ndarray
+    zero_point: np.ndarray | None
+    axis: int
+    block_size: int | None
+
+
+@dataclass
+class QuantizedActivation:
+    """An activation carried in its quantized form: q [m, k] plus how to scale it."""
+
+    q: relax.Expr  # 2-D [m, k]
+    dtype: str
+    scale: relax.Expr  # [1] (tensor) or [m] (per token)
+    zero_point: relax.Expr | None  # [1] for int8 tensor scales
+    kind: str  # "tensor" or "row"
+    shape: list  # the activation's original shape
+
+
+@dataclass
+class LoweringReport:
+    fired: Counter = field(default_factory=Counter)
+    refused: Counter = field(default_factory=Counter)
+
+    def refuse(self, pattern: str, reason: str) -> None:
+        log.debug("lower: %s not lowered: %s", pattern, reason)
+        self.refused[f"{pattern}: {reason}"] += 1
+
+
+class _Context:
+    def __init__(self, target: tvm.target.Target, bb: relax.BlockBuilder):
+        self.target = target
+        self.bb = bb
+        self.weights: dict[relax.Expr, QuantizedWeight] = {}
+        self.acts: dict[relax.Expr, QuantizedActivation] = {}
+        self.pending_q: dict[relax.Expr, tuple] = {}  # QuantizeLinear output -> (q [m, k], dtype, shape)
+        self.low_bit_consts: dict[relax.Expr, tuple[str, np.ndarray]] = {}
+        self.kernels: dict[tuple, relax.GlobalVar] = {}
+        self.report = LoweringReport()
+
+    def kernel(self, key: tuple, make) -> relax.GlobalVar:
+        """A scheduled kernel in the module (built once per key)."""
+        if key not in self.kernels:
+            name = "lp_" + "_".join(str(p) for p in key)
+            func = K.schedule(make(), self.target)
+            func = func.with_attrs({"tirx.is_scheduled": True, "op_pattern": OPAQUE, "global_symbol": name})
+            self.kernels[key] = self.bb.add_func(func, name)
+        return self.kernels[key]
+
+
+_ACTIVE: contextvars.ContextVar[_Context] = contextvars.ContextVar("lpcompile_lowering")
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _const_array(ctx: _Context, expr) -> tuple[str, np.ndarray] | None:
+    """(dtype, numpy) of a constant input, with int4 / uint4 in their real dtype."""
+    if expr in ctx.low_bit_consts:
+        return ctx.low_bit_consts[expr]
+    if isinstance(expr, tvm.ir.GenericConst):  # relax constants (relax.Constant in older TVM)
+        return str(expr.ty.dtype), expr.value.numpy()
+    return None
+
+
+def _shape(expr) -> list:
+    return list(expr.ty.shape.values)
+
+
+def _flatten_rows(bb: relax.BlockBuilder, x: relax.Expr) -> tuple[relax.Expr, tirx.PrimExpr, list]:
+    """x [..., k] -> (x2d [m, k], m, original shape)."""
+    shape = _shape(x)
+    m = tirx.IntImm("int64", 1)
+    for d in shape[:-1]:
+        m = m * d
+    m = Analyzer().simplify(m)
+    x2 = x if len(shape) == 2 else bb.emit(relax.op.reshape(x, [m, shape[-1]]))
+    return x2, m, shape
+
+
+def _static(v) -> int | None:
+    return int(v) if isinstance(v, (int, tirx.IntImm)) else None
+
+
+def _dequantize_numpy(w: QuantizedWeight) -> np.ndarray:
+    """ONNX DequantizeLinear on constants, exactly (fp8 decoded by ml_dtypes)."""
+    q = w.q.astype(np.float32)
+    scale, zp = w.scale.astype(np.float32), w.zero_point
+    axis = w.axis % w.q.ndim
+    if scale.size == 1:
+        s = scale.reshape(())
+        z = np.float32(0) if zp is None else zp.astype(np.float32).reshape(())
+    elif w.block_size:
+        s = np.repeat(scale, w.block_size, axis=axis).take(range(w.q.shape[axis]), axis=axis)
+        z = 0 if zp is None else np.repeat(zp.astype(np.float32), w.block_size, axis=axis).take(range(w.q.shape[axis]), axis=axis)
+    else:
+        bshape = [1] * w.q.ndim
+        bshape[axis] = -1
+        s = scale.reshape(bshape)
+        z = 0 if zp is None else zp.astype(np.float32).reshape(bshape)
+    return ((q - z) * s).astype(np.float32)
+
+
+# --- converters (subclasses of TVM's, looked up before TVM's own table) -------------------------
+
+
+class DequantizeLinear(ox.DequantizeLinear):
+    """Weights: remember the quantized constant (fallback: the dequantized constant).
+    Activations after our QuantizeLinear: remember the quantized form (fallback: DQ in Relax)."""
+
+    @classmethod
+    def _impl_v21(cls, bb, inputs, attr, params):
+        return cls._lower(bb, inputs, attr, params, super()._impl_v21)
+
+    @classmethod
+    def _impl_v23(cls, bb, inputs, attr, params):
+        return cls._lower(bb, inputs, attr, params, super()._impl_v23)
+
+    @classmethod
+    def _lower(cls, bb, inputs, attr, params, stock):
+        ctx = _ACTIVE.get()
+        x, scale, zp = inputs[0], inputs[1], inputs[2]
+        cx, cs = _const_array(ctx, x), _const_array(ctx, scale)
+        cz = _const_array(ctx, zp) if zp is not None else None
+        if cx is not None and cs is not None and (zp is None or cz is not None):
+            dtype, q = cx
+            w = QuantizedWeight(
+                q=q, dtype=dtype, scale=cs[1], zero_point=None if cz is None else cz[1],
+                axis=int(attr.get("axis", 1)), block_size=int(attr.get("block_size", 0)) or None,
+            )
+            var = bb.emit(relax.const(_dequantize_numpy(w)))
+            ctx.weights[var] = w
+            return var
+        if x in ctx.pending_q and cs is not None and cs[1].size == 1 and (zp is None or (cz is not None and cz[1].size == 1)):
+            q2, dtype, shape = ctx.pending_q[x]  # the activation as this DQ scales it
+            s1 = relax.const(cs[1].astype(np.float32).reshape(1))
+            z1 = None
+            if dtype == "int8":
+                z1 = relax.const((cz[1] if cz is not None else np.zeros(1)).astype(np.int8).reshape(1))
+            elif cz is not None and float(cz[1].astype(np.float32).reshape(())) != 0:
+                raise ModelError("DequantizeLinear: float8 zero points must be 0")
+            act = QuantizedActivation(q=q2, dtype=dtype, scale=s1, zero_point=z1, kind="tensor", shape=shape)
+            var = bb.emit(_dequantize_activation(ctx, act))
+            ctx.acts[var] = act
+            return var
+        if attr.get("block_size", 0) or _const_array(ctx, x) is not None:
+            raise ModelError("DequantizeLinear: blocked or low-bit dequantization of a non-constant tensor is not supported")
+        return stock(bb, inputs, attr, params)
+
+
+class QuantizeLinear(ox.QuantizeLinear):
+    """A scalar-scale QuantizeLinear of a float activation -> our quantize kernel."""
+
+    @classmethod
+    def _impl_v21(cls, bb, inputs, attr, params):
+        return cls._lower(bb, inputs, attr, params, super()._impl_v21)
+
+    @classmethod
+    def _impl_v23(cls, bb, inputs, attr, params):
+        return cls._lower(bb, inputs, attr, params, super()._impl_v23)
+
+    @classmethod
+    def _lower(cls, bb, inputs, attr, params, stock):
+        ctx = _ACTIVE.get()
+        x, scale, zp = inputs[0], inputs[1], inputs[2]
+        cs = _const_array(ctx, scale)
+        cz = _const_array(ctx, zp) if zp is not None else None
+        if cs is None or cs[1].size != 1 or cz is None or cz[1].size != 1 or attr.get("block_size", 0):
+            ctx.report.refuse("QuantizeLinear", "needs a constant scalar scale and zero point")
+            return stock(bb, inputs, attr, params)
+        dtype = cz[0]
+        if dtype not in ("int8", *FLOAT8) or (dtype in FLOAT8 and float(cz[1].astype(np.float32).reshape(())) != 0):
+            ctx.report.refuse("QuantizeLinear", f"no kernel for {dtype} (float8 zero points must be 0)")
+            return stock(bb, inputs, attr, params)
+        x2, m, shape = _flatten_rows(bb, x)
+        k = _static(shape[-1])
+        s1 = relax.const(cs[1].astype(np.float32).reshape(1))
+        args = [x2, s1]
+        zp1 = None
+        if dtype == "int8":
+            zp1 = relax.const(cz[1].astype(np.int8).reshape(1))
+            args.append(zp1)
+        gv = ctx.kernel(("quantize", dtype, k), lambda: K.quantize_tensor(None, k, dtype))
+        q2 = bb.emit(relax.call_tir(gv, args, relax.TensorType([m, k], dtype)))
+        q = q2 if len(shape) == 2 else bb.emit(relax.op.reshape(q2, shape))
+        ctx.pending_q[q] = (q2, dtype, shape)
+        ctx.report.fired["QuantizeLinear"] += 1
+        return q
+
+
+class PerTokenQDQ_int8(ox.OnnxOpConverter):  # noqa: N801 (the ONNX op name)
+    """`ai.lpcompile::PerTokenQDQ_int8(x)`: dynamic per-token int8 quantization."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        ctx = _ACTIVE.get()
+        x2, m, shape = _flatten_rows(bb, inputs[0])
+        k = _static(shape[-1])
+        gv = ctx.kernel(("quantize_rows", k), lambda: K.quantize_rows(None, k))
+        out = bb.emit(relax.call_tir(gv, [x2], [relax.TensorType([m, k], "int8"), relax.TensorType([m], "float32")]))
+        q, s = bb.emit(relax.TupleGetItem(out, 0)), bb.emit(relax.TupleGetItem(out, 1))
+        act = QuantizedActivation(q=q, dtype="int8", scale=s, zero_point=None, kind="row", shape=shape)
+        var = bb.emit(_dequantize_activation(ctx, act))
+        ctx.acts[var] = act
+        ctx.report.fired["PerTokenQDQ_int8"] += 1
+        return var
+
+
+def _dequantize_activation(ctx: _Context, act: QuantizedActivation) -> relax.Expr:
+    """The float value of a quantized activation (the fallback when no kernel consumes it)."""
+    bb = ctx.bb
+    if act.dtype in FLOAT8:
+        m, k = _shape(act.q)
+        gv = ctx.kernel(("decode", act.dtype, _static(k)), lambda: _decode_kernel(_static(k), act.dtype))
+        qf = bb.emit(relax.call_tir(gv, [act.q], relax.TensorType([m, k], "float32")))
+    else:
+        qf = relax.op.astype(act.q, "float32")
+        if act.zero_point is not None:
+            qf = relax.op.subtract(qf, relax.op.astype(act.zero_point, "float32"))
+    scale = act.scale if act.kind == "tensor" else relax.op.expand_dims(act.scale, [-1])
+    y = bb.emit(relax.op.multiply(qf, scale))
+    return y if len(act.shape) == 2 else relax.op.reshape(y, act.shape)
+
+
+def _decode_kernel(k: int, dtype: str) -> tirx.PrimFunc:
+    from tvm import te
+
+    from lpcompile.backends.tvm.kernels.compute import KERNEL_ATTR, dim, fp8_to_float32
+
+    x = te.placeholder((dim(None), dim(k)), dtype, name="x")
+    y = te.compute(x.shape, lambda i, j: fp8_to_float32(x[i, j], dtype), name="quantize")  # elementwise schedule
+    return te.create_prim_func([x, y]).with_attr({KERNEL_ATTR: "quantize_tensor"})
+
+
+class MatMul(ox.MatMul):
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        out = _lower_linear(_ACTIVE.get(), inputs[0], inputs[1], transposed=False, pattern="MatMul")
+        return out if out is not None else super()._impl_v13(bb, inputs, attr, params)
+
+
+class Gemm(ox.Gemm):
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        ctx = _ACTIVE.get()
+        if attr.get("transA", 0) or attr.get("alpha", 1.0) != 1.0 or attr.get("beta", 1.0) != 1.0:
+            ctx.report.refuse("Gemm", "transA / alpha / beta")
+            return super()._impl_v13(bb, inputs, attr, params)
+        out = _lower_linear(ctx, inputs[0], inputs[1], transposed=bool(attr.get("transB", 0)), pattern="Gemm")
+        if out is None:
+            return super()._impl_v13(bb, inputs, attr, params)
+        return relax.op.add(out, inputs[2]) if inputs[2] is not None else out
+
+
+def _lower_linear(ctx: _Context, a: relax.Expr, b: relax.Expr, *, transposed: bool, pattern: str):
+    bb = ctx.bb
+    w = ctx.weights.get(b)
+    if w is None:
+        return None
+    if w.q.ndim != 2 or a.ty.ndim < 2:
+        ctx.report.refuse(pattern, "weights must be 2-D and the activation at least 2-D")
+        return None
+    if w.zero_point is not None and np.any(w.zero_point.astype(np.float32) != 0):
+        ctx.report.refuse(pattern, "asymmetric weights (nonzero zero point)")
+        return None
+    kind = {"int4": "int4", "int8": "int8", **{f: f for f in FLOAT8}}.get(w.dtype)
+    if kind is None:
+        ctx.report.refuse(pattern, f"no kernel for {w.dtype} weights")
+        return None
+    try:
+        q_kn, s, block = K.onnx_weight_to_kn(w.q, w.scale, axis=w.axis, block_size=w.block_size, transposed=transposed)
+    except ModelError as e:
+        ctx.report.refuse(pattern, str(e))
+        return None
+    k, n = q_kn.shape
+    k_pad = s.shape[0] * block
+    if kind == "int4":
+        packed = K.INT4.pack(q_kn.astype(np.int8), k_pad)
+    else:
+        packed = np.zeros((k_pad, n), q_kn.dtype)
+        packed[:k] = q_kn
+    block_arg = None if block == k else block
+    wc, sc = relax.const(packed), relax.const(s.astype(np.float32))
+
+    act = ctx.acts.get(a)
+    pair = K.PAIRS.get((act.dtype, kind)) if act is not None else None
+    if act is not None and pair is not None and pair.act_scale == act.kind:
+        x2, m = act.q, _shape(act.q)[0]
+        args = [x2, act.scale] + ([act.zero_point] if act.zero_point is not None else []) + [wc, sc]
+        activation, shape = act.dtype, act.shape
+    else:
+        if act is not None:
+            ctx.report.refuse(pattern, f"no {act.kind}-scaled {act.dtype} x {kind} kernel: float activations instead")
+        x2, m, shape = _flatten_rows(bb, a)
+        args, activation = [x2, wc, sc], "float32"
+    if _static(shape[-1]) != k:
+        ctx.report.refuse(pattern, f"activation features {shape[-1]} != weight K {k}")
+        return None
+    rows = 1 if _static(m) == 1 else None
+    key = ("matmul", activation, kind, rows or "m", k, n, block_arg or "ch")
+    gv = ctx.kernel(key, lambda: K.quantized_matmul(rows, k, n, weight=kind, activation=activation, block_size=block_arg))
+    y2 = bb.emit(relax.call_tir(gv, args, relax.TensorType([m, n], "float32")))
+    ctx.report.fired[f"{pattern}[{activation} x {kind}]"] += 1
+    return y2 if len(shape) == 2 else relax.op.reshape(y2, [*shape[:-1], n])
+
+
+CONVERTERS: dict[str, type] = {
+    "DequantizeLinear": DequantizeLinear,
+    "QuantizeLinear": QuantizeLinear,
+    "PerTokenQDQ_int8": PerTokenQDQ_int8,
+    "MatMul": MatMul,
+    "Gemm": Gemm,
+}
+
+
+class QdqImporter(ox.ONNXGraphImporter):
+    """TVM's ONNX graph importer with lpcompile's converters in front of its own."""
+
+    def _parse_graph_initializers(self, graph):
+        low_bit = [t for t in graph.initializer if t.data_type in _ML_DTYPES]
+        rest = [t for t in graph.initializer if t.data_type not in _ML_DTYPES]
+        ctx = _ACTIVE.get()
+        for t in low_bit:  # TVM cannot hold int4 tensors: keep them widened to int8, remember the type
+            dtype, npt = _ML_DTYPES[t.data_type]
+            arr = onnx.numpy_helper.to_array(t).astype(npt).reshape(tuple(t.dims))
+            wide = arr.astype(np.int8 if dtype == "int4" else np.uint8)
+            c = relax.const(wide)
+            self._nodes[t.name] = c
+            ctx.low_bit_consts[c] = (dtype, wide)
+        filtered = onnx.GraphProto()
+        filtered.initializer.extend(rest)
+        super()._parse_graph_initializers(filtered)
+
+    def _check_for_unsupported_ops(self, graph):
+        unknown = {n.op_type for n in graph.node if n.op_type not in CONVERTERS} - {"Constant", "If"}
+        unknown -= set(ox._get_convert_map())
+        if unknown:
+            raise ModelError(f"operators without a TVM converter: {', '.join(sorted(unknown))}")
+
+    def _convert_operator(self, op_name, inputs, attrs, opset):
+        converter = CONVERTERS.get(op_name)
+        if converter is None:
+            return super()._convert_operator(op_name, inputs, attrs, opset)
+        version = 1 if converter is PerTokenQDQ_int8 else opset
+        sym = converter.get_converter(version)(self.bb, inputs, attrs, [self._nodes, self._params])
+        return self.bb.normalize(sym) if isinstance(sym, relax.Expr) else sym
+
+
+def from_onnx(
+    model: onnx.ModelProto, target: tvm.target.Target, shape_dict: dict[str, list] | None = None
+) -> tuple[tvm.IRModule, LoweringReport]:
+    """Import a QDQ ONNX model into Relax with quantized linear layers on lpcompile's kernels."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    importer = QdqImporter(shape_dict or {}, "float32")
+    ctx = _Context(target, importer.bb)
+    token = _ACTIVE.set(ctx)
+    try:
+        mod = importer.from_onnx(model.graph, opset)
+    finally:
+        _ACTIVE.reset(token)
+    mod = relax.transform.DeadCodeElimination()(mod)
+    return mod, ctx.report
+
+
+def compile_model(model: onnx.ModelProto, target: tvm.target.Target, shape_dict: dict[str, list] | None = None):
+    """from_onnx + tvm.compile: returns (executable, report)."""
+    mod, report = from_onnx(model, target, shape_dict)
+    return tvm.compile(mod, target=target), report

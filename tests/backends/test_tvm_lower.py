@@ -1,0 +1,187 @@
+"""Whole QDQ models through the TVM lowering against onnxruntime on the same graph.
+
+Activation quantization is applied to the graph input only: a quantizer fed by a previous
+layer may legitimately round one element differently (a value within fp32 noise of a .5
+boundary), which a tight tolerance cannot absorb; deeper layers use float activations with
+quantized weights, where the only difference is fp32 summation order.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+tvm = pytest.importorskip("tvm")
+
+from tvm import relax  # noqa: E402
+
+from lpcompile.backends.tvm.lower import compile_model  # noqa: E402
+from tests.backends.test_tvm_kernels import TARGET, assert_close, per_token_function  # noqa: E402
+from tests.conftest import ort_run  # noqa: E402
+
+
+class GraphBuilder:
+    """A tiny ONNX graph writer for QDQ linear stacks (MatMul weights [K, N], Gemm [N, K])."""
+
+    def __init__(self, k: int, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+        self.nodes, self.inits, self.functions = [], [], []
+        self.k, self.cur, self.count = k, "x", 0
+
+    def name(self, base: str) -> str:
+        self.count += 1
+        return f"{base}{self.count}"
+
+    def init(self, array: np.ndarray, base: str) -> str:
+        name = self.name(base)
+        self.inits.append(numpy_helper.from_array(array, name))
+        return name
+
+    def node(self, op: str, inputs: list[str], domain: str = "", **attrs) -> str:
+        out = self.name(op.lower())
+        self.nodes.append(helper.make_node(op, inputs, [out], domain=domain, **attrs))
+        self.cur = out
+        return out
+
+    def static_qdq(self, dtype) -> None:
+        qmax = 127.0 if dtype == np.int8 else float(ml_dtypes.finfo(dtype).max)
+        s = self.init(np.array(4.0 / qmax, np.float32), "sx")
+        z = self.init(np.array(0, dtype), "zx")
+        q = self.node("QuantizeLinear", [self.cur, s, z])
+        self.node("DequantizeLinear", [q, s, z])
+
+    def per_token(self) -> None:
+        if not self.functions:
+            self.functions.append(per_token_function())
+        self.node("PerTokenQDQ_int8", [self.cur], domain="ai.lpcompile")
+
+    def linear(self, n: int, dtype, block: int | None, gemm: bool = False, bias: bool = False) -> None:
+        k = self.k
+        shape = (n, k) if gemm else (k, n)
+        if dtype in (ml_dtypes.int4, np.int8):
+            lim = 8 if dtype == ml_dtypes.int4 else 128
+            q = self.rng.integers(-lim, lim, shape).astype(dtype)
+        else:
+            q = (self.rng.standard_normal(shape) * 4).astype(dtype)
+        k_axis, n_axis = (1, 0) if gemm else (0, 1)
+        if block:
+            sshape = list(shape)
+            sshape[k_axis] = -(-k // block)
+            scale, attrs = self.rng.uniform(0.5, 1.5, sshape) / np.sqrt(k) / 4, {"axis": k_axis, "block_size": block}
+        else:
+            scale, attrs = self.rng.uniform(0.5, 1.5, n) / np.sqrt(k) / 4, {"axis": n_axis}
+        w = self.node("DequantizeLinear", [self.init(q, "wq"), self.init(scale.astype(np.float32), "ws")], **attrs)
+        x = self.cur_input
+        if gemm:
+            inputs = [x, w] + ([self.init(self.rng.standard_normal(n).astype(np.float32), "b")] if bias else [])
+            self.node("Gemm", inputs, transB=1)
+        else:
+            self.node("MatMul", [x, w])
+            if bias:
+                self.node("Add", [self.cur, self.init(self.rng.standard_normal(n).astype(np.float32), "b")])
+        self.k = n
+
+    @property
+    def cur_input(self) -> str:
+        return self._input
+
+    def begin_linear(self) -> None:
+        self._input = self.cur
+
+    def relu(self) -> None:
+        self.node("Relu", [self.cur])
+
+    def model(self, dims: list) -> onnx.ModelProto:
+        """dims: the input's; the output has the same leading dims and the last layer's width."""
+        graph = helper.make_graph(
+            self.nodes,
+            "qdq_mlp",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+            [helper.make_tensor_value_info(self.cur, TensorProto.FLOAT, [*dims[:-1], self.k])],
+            initializer=self.inits,
+        )
+        opsets = [helper.make_opsetid("", 21)] + ([helper.make_opsetid("ai.lpcompile", 1)] if self.functions else [])
+        model = helper.make_model(graph, opset_imports=opsets, functions=self.functions, ir_version=10)
+        onnx.checker.check_model(model)
+        return model
+
+
+def mlp(first: str, k: int = 256, hidden: int = 384, n: int = 64) -> onnx.ModelProto:
+    """(activation QDQ) linear + bias -> Relu -> int4 blocked -> Relu -> fp8 per-channel + bias.
+
+    "weight_only" is 2-D (tokens, k) with Gemm(transB) layers (ONNX Gemm is 2-D only); the
+    others take x[B, S, k] through MatMul layers.
+    """
+    g = GraphBuilder(k)
+    gemm = first == "weight_only"
+    g.begin_linear()
+    if first == "int8_static":
+        g.static_qdq(np.int8)
+        g.begin_linear()
+        g.linear(hidden, np.int8, None, bias=True)
+    elif first == "fp8_static":
+        g.static_qdq(ml_dtypes.float8_e4m3fn)
+        g.begin_linear()
+        g.linear(hidden, ml_dtypes.float8_e4m3fn, None, bias=True)
+    elif first == "w4a8":
+        g.per_token()
+        g.begin_linear()
+        g.linear(hidden, ml_dtypes.int4, 128, bias=True)
+    else:
+        g.linear(hidden, ml_dtypes.int4, 128, gemm=True, bias=True)
+    g.relu()
+    g.begin_linear()
+    g.linear(hidden, ml_dtypes.int4, 128)
+    g.relu()
+    g.begin_linear()
+    g.linear(n, ml_dtypes.float8_e5m2 if first == "fp8_static" else ml_dtypes.float8_e4m3fn, None, gemm=gemm, bias=True)
+    return g.model(["T", k] if gemm else ["B", "S", k])
+
+
+def run_vm(ex, x: np.ndarray) -> np.ndarray:
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+@pytest.mark.parametrize(
+    "first,fired",
+    [
+        ("weight_only", "Gemm[float32 x int4]"),
+        ("int8_static", "MatMul[int8 x int8]"),
+        ("fp8_static", "MatMul[float8_e4m3fn x float8_e4m3fn]"),
+        ("w4a8", "MatMul[int8 x int4]"),
+    ],
+)
+def test_qdq_mlp_matches_ort(first, fired):
+    model = mlp(first)
+    ex, report = compile_model(model, TARGET)
+    assert report.fired[fired] == 1, report
+    assert report.fired["MatMul[float32 x int4]"] == 1 and sum(report.fired.values()) >= 3, report
+    for b, s in ((2, 5), (1, 1)):  # dynamic batch and sequence; one token
+        shape = (b * s, 256) if first == "weight_only" else (b, s, 256)
+        x = np.random.default_rng(b * 10 + s).standard_normal(shape).astype(np.float32)
+        assert_close(run_vm(ex, x), ort_run(model, {"x": x})[0])
+
+
+def test_unmatched_quantized_values_fall_back_exactly():
+    """Does not fire: a per-token int8 activation feeding int8 weights (no row-scaled int8 x int8
+    kernel) and a dequantized weight used by an Add keep their exact float meaning."""
+    g = GraphBuilder(128)
+    g.begin_linear()
+    g.per_token()
+    g.begin_linear()
+    g.linear(128, np.int8, None)
+    table = g.node(
+        "DequantizeLinear",
+        [g.init(np.arange(-64, 64, dtype=np.int8).reshape(1, 128), "tq"), g.init(np.array(0.01, np.float32), "ts")],
+    )
+    g.node("Add", [g.nodes[-2].output[0], table])  # the linear's output + the dequantized table
+    model = g.model(["B", 128])
+    ex, report = compile_model(model, TARGET)
+    assert report.fired["MatMul[float32 x int8]"] == 1, report
+    assert any("no row-scaled int8 x int8 kernel" in r for r in report.refused), report.refused
+    x = np.random.default_rng(0).standard_normal((3, 128)).astype(np.float32)
+    assert_close(run_vm(ex, x), ort_run(model, {"x": x})[0])
