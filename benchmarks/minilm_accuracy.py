@@ -73,7 +73,7 @@ def ort_models(float_path: Path, calib_dir: Path, work: Path) -> dict[str, tuple
     pre = work / "ort_pre.onnx"
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=False)
+    quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=True)
     p = work / "ort_dynamic_int8.onnx"
     quantize_dynamic(str(pre), str(p), per_channel=True, weight_type=QuantType.QInt8)
     out["ort quantize_dynamic int8 (per-channel)"] = (p, True)
