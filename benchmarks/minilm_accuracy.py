@@ -91,10 +91,10 @@ def ort_models(float_path: Path, calib_dir: Path, work: Path) -> dict[str, tuple
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/minilm_accuracy.json"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/minilm_accuracy.json"), type=os.path.abspath)
     ap.add_argument("--work", default=None, help="directory for the exported and quantized models")
     args = ap.parse_args(argv)
-    work = Path(args.work or tempfile.mkdtemp(prefix="minilm-acc-"))
+    work = Path(args.work or tempfile.mkdtemp(prefix="minilm-acc-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     float_path = work / "minilm.onnx"
     py = sys.executable
@@ -114,6 +114,7 @@ def main(argv=None) -> int:
         r.update(tool="lpcompile", file_bytes=os.path.getsize(out / "model.qdq.onnx"), compile_seconds=round(seconds, 1))
         results[f"lpcompile {fmt}"] = r
         print(f"lpcompile {fmt:9s} cosine {r['cosine_mean']:.5f} (min {r['cosine_min']:.4f})", flush=True)
+    os.chdir(work)  # onnxruntime's quantization tools leave temporary files in the working directory
     for name, (path, optimize) in ort_models(float_path, calib_dir, work).items():
         r = compare(ref, embed(session(path, optimize), ev))
         r.update(tool="onnxruntime", file_bytes=os.path.getsize(path))
