@@ -48,6 +48,7 @@ FP8_BITS = {
 }
 INT_RANGE = {"int8": (-128, 127), "uint8": (0, 255)}
 TINY_SCALE = 2.0**-24  # the per-token scale floor the quantize pass writes
+ROW_TILE = 4  # symbolic row counts are padded to this for the accumulation
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,17 @@ def quantized_matmul(
     inputs += [w, w_scale]
     decode = te.compute((dim(k_pad), n_), decode_f, name="decode")
 
+    # A symbolic row count is padded to whole ROW_TILEs for the accumulation (the padding rows
+    # repeat the last row and are dropped by a final copy): the schedules' row micro-tiles then
+    # need no bounds checks and their registers a fixed size. Static row counts are not padded.
+    padded = not isinstance(m_, tirx.IntImm) and not accumulator_only
+    rows = tirx.floordiv(m_ + ROW_TILE - 1, ROW_TILE) * ROW_TILE if padded else m_
+
+    def row(i):
+        return tirx.min(i, m_ - 1) if padded else i
+
     def x_value(i, kk):
+        i = row(i)
         v = fp8_to_float32(x[i, kk], activation) if activation in FLOAT8 else x[i, kk].astype(pair.acc)
         if x_zp is not None:
             v = v - x_zp[0].astype(pair.acc)
@@ -154,7 +165,7 @@ def quantized_matmul(
 
     r = te.reduce_axis((dim(0), dim(block)), name="kk")
     acc = te.compute(
-        (m_, dim(nb), n_),
+        (rows, dim(nb), n_),
         lambda i, b, j: te.sum(x_value(i, b * block + r) * decode[b * block + r, j], axis=r),
         name="acc",
     )
@@ -168,10 +179,14 @@ def quantized_matmul(
             if pair.act_scale == "tensor":
                 term = term * x_scale[0]
             elif pair.act_scale == "row":
-                term = term * x_scale[i]
+                term = term * x_scale[row(i)]
             return te.sum(term, axis=rb)
 
-        out = te.compute((m_, n_), y_f, name="y")
+        if padded:
+            y_rows = te.compute((rows, n_), y_f, name="y_rows")
+            out = te.compute((m_, n_), lambda i, j: y_rows[i, j], name="y")
+        else:
+            out = te.compute((m_, n_), y_f, name="y")
     func = te.create_prim_func([*inputs, out])
     return func.with_attr(
         {

@@ -88,7 +88,12 @@ def _gemm(func: tirx.PrimFunc) -> tirx.PrimFunc:
     decode, acc = sch.get_sblock("decode"), sch.get_sblock("acc")
     if not _has_block(sch, "y"):
         return _gemm_acc_only(sch, decode, acc)
-    y = sch.get_sblock("y")
+    y = sch.get_sblock("y_rows") if _has_block(sch, "y_rows") else sch.get_sblock("y")
+    if _has_block(sch, "y_rows"):  # padded rows: copy the real ones out, in parallel
+        out = sch.get_sblock("y")
+        om, on = sch.get_loops(out)
+        sch.parallel(om)
+        sch.vectorize(sch.split(on, [None, 16])[1])
     m, n, b = sch.get_loops(y)
     no, ni = sch.split(n, [None, N_SUB])
     mo, mi = sch.split(m, [None, M_TILE])
