@@ -21,6 +21,7 @@ Bandwidth references measured in the same run: `copy` = numpy copy of a 1 GiB ar
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -67,7 +68,10 @@ def tvm_impl(k: int, n: int, count: int, check):
     return sweep
 
 
-def ort_impl(k: int, n: int, count: int, check, accuracy_level: int):
+def ort_impls(k: int, n: int, count: int, check, levels=(4, 0)) -> dict:
+    """One MatMulNBits model with `count` nodes (one per weight set, all fed the same x); one
+    session per accuracy level, each holding its own copy of the weights. A session run is a
+    sweep."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -83,29 +87,35 @@ def ort_impl(k: int, n: int, count: int, check, accuracy_level: int):
             b = rng.integers(0, 256, (n, kb, BLOCK // 2), dtype=np.uint8)
             s = rng.uniform(0.01, 0.02, (n, kb)).astype(np.float32)
         inits += [numpy_helper.from_array(b, f"b{i}"), numpy_helper.from_array(s.reshape(-1), f"s{i}")]
-        nodes.append(
+        outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, n]))
+    x_info = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])]
+    sessions = {}
+    for level in levels:
+        nodes = [
             helper.make_node(
                 "MatMulNBits", ["x", f"b{i}", f"s{i}"], [f"y{i}"], domain="com.microsoft",
-                K=k, N=n, bits=4, block_size=BLOCK, accuracy_level=accuracy_level,
+                K=k, N=n, bits=4, block_size=BLOCK, accuracy_level=level,
             )
-        )
-        outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, n]))
-    graph = helper.make_graph(nodes, "nbits", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])], outs, initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = THREADS
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    del model, graph, inits
+            for i in range(count)
+        ]
+        graph = helper.make_graph(nodes, "nbits", x_info, outs, initializer=inits)
+        opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+        data = helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
+        del graph
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = THREADS
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3
+        sessions[level] = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        del data  # keep peak memory to one serialized copy plus the sessions
+    del inits
     feeds = {"x": check.x}
-    check.record(f"ort_matmulnbits_acc{accuracy_level}", sess.run(["y0"], feeds)[0])
-
-    def sweep():
-        sess.run(None, feeds)
-
-    return sweep
+    impls = {}
+    for level, sess in sessions.items():
+        check.record(f"ort_matmulnbits_acc{level}", sess.run(["y0"], feeds)[0])
+        impls[f"ort_matmulnbits_acc{level}"] = lambda sess=sess: sess.run(None, feeds)
+    return impls
 
 
 def torch_impl(k: int, n: int, count: int, check):
@@ -185,8 +195,8 @@ def bench_shape(k: int, n: int, gib: float, sweeps: int, rounds: int) -> dict:
     impls = {}
     counts = {"int4": max(2, int(np.ceil(gib * GIB / int4_bytes))), "fp32": max(2, int(np.ceil(gib * GIB / fp32_bytes)))}
     impls["lpcompile_tvm"] = (tvm_impl(k, n, counts["int4"], check), counts["int4"], int4_bytes + io)
-    for level in (4, 0):
-        impls[f"ort_matmulnbits_acc{level}"] = (ort_impl(k, n, counts["int4"], check, level), counts["int4"], int4_bytes + io)
+    for name, sweep in ort_impls(k, n, counts["int4"], check).items():
+        impls[name] = (sweep, counts["int4"], int4_bytes + io)
     impls["torch_fp32"] = (torch_impl(k, n, counts["fp32"], check), counts["fp32"], fp32_bytes + io)
     per_call = {name: [] for name in impls}
     for _ in range(rounds):
@@ -236,6 +246,7 @@ def main() -> None:
         }
         results.append(r)
         print(json.dumps(r, indent=1))
+        gc.collect()  # the previous shape's weights go before the next shape's are made
     goals = {
         f"{r['K']}x{r['N']}": {
             ">=4x torch fp32": r["lpcompile_tvm_speedup"]["torch_fp32"] >= 4,
