@@ -115,6 +115,19 @@ def _keeps_rows(node: ir.Node, value: ir.Value, block: int) -> str | None:
     return None
 
 
+def _stream_move(node: ir.Node, value: ir.Value, dim: int) -> str | None:
+    """Why data-movement `node` does not carry stream rows of `dim` whole, or None."""
+    why = _keeps_rows(node, value, dim)
+    if why is None and node.op_type not in ("Identity", "Cast") and (
+            last_dim(value) != dim or last_dim(node.outputs[0]) != dim):
+        why = f"{node.op_type} changes the last dimension"
+    return why
+
+
+def _label(node: ir.Node) -> str:
+    return node.name or (node.outputs[0].name if node.outputs else node.op_type)
+
+
 def _linear_along_other_axes(node: ir.Node, idx: int, value: ir.Value) -> str | None:
     """Why `node` reading `value` at input `idx` is not a linear map that leaves the last
     axis alone (so that it commutes with any transform of the last axis), or None."""
@@ -202,26 +215,25 @@ def _norm_problem(norm: Norm) -> str | None:
     """Why `norm` cannot be part of a rotated region (axis, non-constant affine, used stats)."""
     node = norm.nodes[0]
     name = norm.nodes[-1].name or norm.output.name
-    for v, what in ((norm.scale, "scale"), (norm.bias, "bias")):
-        if v is not None and (v.const_value is None or len(v.const_value.shape) > 1
-                              or v.const_value.size not in (1, last_dim(norm.input) or -1)):
-            return f"{name}: its {what} is not a constant vector over the last axis"
+    rank = _rank(norm.input)
     if node.op_type in ("LayerNormalization", "RMSNormalization"):
         axis = node.attributes.get("axis")
-        rank = _rank(norm.input)
         a = -1 if axis is None else axis.as_int()
         if not (a == -1 or (rank is not None and a == rank - 1)):
-            return f"{name}: normalizes over axes {a}.. rather than the last axis only"
+            return f"{name} normalizes over axes {a}.. rather than the last axis only"
         if any(o is not None and (list(o.uses()) or o.is_graph_output()) for o in node.outputs[1:]):
             return f"{name}: its mean / inverse std-dev outputs are used"
-        return None
-    reduce = next(n for n in norm.nodes if n.op_type == "ReduceMean")
-    rank = _rank(norm.input)
-    axes = _const_ints(reduce.inputs[1]) if len(reduce.inputs) > 1 else None
-    if axes is None and reduce.attributes.get("axes") is not None:
-        axes = list(reduce.attributes["axes"].as_ints())
-    if rank is None or axes is None or [a % rank for a in axes] != [rank - 1]:
-        return f"{name}: mean of squares over {axes} rather than the last axis only"
+    else:
+        reduce = next(n for n in norm.nodes if n.op_type == "ReduceMean")
+        axes = _const_ints(reduce.inputs[1]) if len(reduce.inputs) > 1 else None
+        if axes is None and reduce.attributes.get("axes") is not None:
+            axes = list(reduce.attributes["axes"].as_ints())
+        if axes != [-1] and (rank is None or axes is None or [a % rank for a in axes] != [rank - 1]):
+            return f"{name} takes the mean of squares over axes {axes} rather than the last axis only"
+    for v, what in ((norm.scale, "scale"), (norm.bias, "bias")):
+        if v is not None and (v.const_value is None or len(v.const_value.shape) > 1
+                              or v.const_value.size not in (1, last_dim(norm.input) or v.const_value.size)):
+            return f"{name}: its {what} is not a constant vector over the last axis"
     return None
 
 
@@ -271,9 +283,12 @@ def find_stream_regions(graph: ir.Graph) -> list[StreamRegion]:
 
 def _grow(seed: Norm, index: _Index) -> StreamRegion:
     dim = last_dim(seed.input)
+    if dim is None and seed.scale is not None and seed.scale.const_value is not None:
+        dim = int(seed.scale.const_value.size) if seed.scale.const_value.size > 1 else None
     region = StreamRegion(dim=dim or 0)
     if dim is None:
-        region.problems.append(f"{seed.input.name}: the normalized dimension is not static")
+        region.problems.append(f"{seed.input.name}: the normalized dimension is not static (shape inference "
+                               f"has not run: see Canonicalize)")
         region.values.append(seed.input)
         return region
     seen: dict[int, ir.Value] = {}
@@ -327,15 +342,14 @@ def _grow(seed: Norm, index: _Index) -> StreamRegion:
                 if normed is not None:
                     problems.append(
                         f"post-norm residual: the output of {_norm_name(normed)} feeds {node.op_type} "
-                        f"{node.name or node.outputs[0].name}, so its affine cannot be absorbed by the consumers")
+                        f"{_label(node)}, so its affine cannot be absorbed by the consumers")
                 # the region still grows over the sum, so that it is reported once, whole
                 for inp in node.inputs:
                     add(inp)
                 add(node.outputs[0])
                 continue
             if idx == 0 and _default_domain(node) and node.op_type in DATA_MOVEMENT:
-                why = _keeps_rows(node, v, dim)
-                if why is None and last_dim(node.outputs[0]) == dim:
+                if _stream_move(node, v, dim) is None:
                     add(node.outputs[0])
                     continue
             elif normed is None and _linear_along_other_axes(node, idx, v) is None:
@@ -344,8 +358,8 @@ def _grow(seed: Norm, index: _Index) -> StreamRegion:
             if normed is not None:
                 region.exits.append(Exit(v, node, idx, normed))
             else:
-                why = _linear_along_other_axes(node, idx, v) if node.op_type not in DATA_MOVEMENT else _keeps_rows(node, v, dim)
-                problems.append(f"{node.op_type} {node.name or node.outputs[0].name} reads the stream value {v.name}: {why}")
+                why = _linear_along_other_axes(node, idx, v) if node.op_type not in DATA_MOVEMENT else _stream_move(node, v, dim)
+                problems.append(f"{node.op_type} {_label(node)} reads the stream value {v.name}: {why}")
         if v.is_graph_output():
             region.exits.append(Exit(v, None, -1, normed))
     return region
@@ -390,8 +404,8 @@ def _visit_producer(v, dim, index: _Index, region: StreamRegion, add, add_norm) 
             add(inp)
         return
     if _default_domain(p) and p.op_type in DATA_MOVEMENT:
-        why = _keeps_rows(p, p.inputs[0], dim)
-        if why is None and last_dim(p.inputs[0]) == dim:
+        why = _stream_move(p, p.inputs[0], dim)
+        if why is None:
             add(p.inputs[0])
             return
     else:
@@ -401,7 +415,7 @@ def _visit_producer(v, dim, index: _Index, region: StreamRegion, add, add_norm) 
                 add(inp)
                 return
         why = _linear_along_other_axes(p, 0, p.inputs[0]) if p.inputs else "no inputs"
-    problems.append(f"{v.name} is produced by {p.op_type} {p.name}: {why}")
+    problems.append(f"{v.name} is produced by {p.op_type} {_label(p)}: {why}")
 
 
 # --- linear-to-linear chains ------------------------------------------------------------------
@@ -466,7 +480,7 @@ def _follow(producer: LinearLayer, index: _Index) -> Chain:
                 if why is None and node.op_type == "MatMul":
                     chain.through_attention = True
             if why is not None:
-                chain.problems.append(f"{node.op_type} {node.name or node.outputs[0].name} reads {v.name}: {why}")
+                chain.problems.append(f"{node.op_type} {_label(node)} reads {v.name}: {why}")
                 continue
             work.append(node.outputs[0])
     chain.block = math.gcd(*dims)

@@ -4,5 +4,6 @@ from lpcompile.passes.calibrate import Calibrate, Calibration, TensorStats
 from lpcompile.passes.canonicalize import Canonicalize
 from lpcompile.passes.cleanup import Cleanup
 from lpcompile.passes.quantize import LayerPlan, Quantize
+from lpcompile.passes.rotate import Rotate
 
-__all__ = ["Calibrate", "Calibration", "Canonicalize", "Cleanup", "LayerPlan", "Quantize", "TensorStats"]
+__all__ = ["Calibrate", "Calibration", "Canonicalize", "Cleanup", "LayerPlan", "Quantize", "Rotate", "TensorStats"]

@@ -288,7 +288,7 @@ class _Run:
                           else "none"})
         if last.op_type == "LayerNormalization":
             eps = last.attributes.get("epsilon")
-            y = self._rms(norm.input, eps.as_float() if eps is not None else 1e-5)
+            y = self._rms(last.inputs[0], eps.as_float() if eps is not None else 1e-5)  # may be an entry's output now
             y.producer().metadata_props[ROTATION_KEY] = json.dumps(
                 {"region": region, "replaces": "LayerNormalization", "affine": "absorbed"})
             _replace_uses(self.graph, last.outputs[0], y)
@@ -543,9 +543,9 @@ class _Run:
         self.graph.append(node)
         out = node.outputs[0]
         out.name = node.name + "_out"
-        if like is not None:
+        if like is not None and like.dtype is not None:  # untyped stays untyped (no shape inference yet)
             out.dtype = like.dtype
-            if shape == "same":
+            if shape == "same" and like.shape is not None:
                 out.shape = like.shape
         return out
 
