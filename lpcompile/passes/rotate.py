@@ -161,6 +161,12 @@ class _Run:
         self.report: dict = {"mode": config.mode, "seed": config.seed, "regions": [], "chains": [], "online": [],
                              "counters": self.counters}
         self.opset = self.graph.opset_imports.get("", model.opset_imports.get("", 0))
+        # names in use (nodes and values), so that what this run adds never collides, even on a
+        # model that was rotated, saved and loaded again
+        self.names: set[str] = {n.name for n in self.graph if n.name}
+        self.names.update(v.name for v in self.graph.inputs if v.name)
+        self.names.update(self.graph.initializers)
+        self.names.update(o.name for n in self.graph for o in n.outputs if o.name)
 
     # --- stream regions ---------------------------------------------------------------------------
 
@@ -265,7 +271,7 @@ class _Run:
             if ex.norm.bias is not None:
                 y = self._node("Add", [y, ex.norm.bias], like=ex.value)
         if ex.node is None:
-            _replace_graph_output(self.graph, ex.value, y)
+            _replace_graph_output(self.graph, ex.value, y, self._fresh)
             return f"{y.name} (graph output)"
         ex.node.replace_input_with(ex.index, y)
         return f"{ex.value.name} -> {ex.node.op_type} {ex.node.name}"
@@ -291,7 +297,7 @@ class _Run:
             y = self._rms(last.inputs[0], eps.as_float() if eps is not None else 1e-5)  # may be an entry's output now
             y.producer().metadata_props[ROTATION_KEY] = json.dumps(
                 {"region": region, "replaces": "LayerNormalization", "affine": "absorbed"})
-            _replace_uses(self.graph, last.outputs[0], y)
+            _replace_uses(self.graph, last.outputs[0], y, self._fresh)
             self.graph.remove(last, safe=True)
             return
         if last.op_type == "RMSNormalization":
@@ -302,7 +308,7 @@ class _Run:
             return
         if norm.scale is not None:  # decomposed: ... → Mul(x, rsqrt) → Mul(·, γ)
             normed = last.inputs[0] if last.inputs[1] is norm.scale else last.inputs[1]
-            _replace_uses(self.graph, last.outputs[0], normed)
+            _replace_uses(self.graph, last.outputs[0], normed, self._fresh)
             self.graph.remove(last, safe=True)
             normed.producer().metadata_props[ROTATION_KEY] = tag
         else:
@@ -497,7 +503,7 @@ class _Run:
         for node, idx in uses:
             node.replace_input_with(idx, y)
         if out.is_graph_output():
-            _replace_graph_output(self.graph, out, y)
+            _replace_graph_output(self.graph, out, y, self._fresh)
 
     # --- building blocks -------------------------------------------------------------------------
 
@@ -539,15 +545,22 @@ class _Run:
 
     def _node(self, op: str, inputs, attrs=None, like: ir.Value | None = None, shape="same",
               domain: str = "") -> ir.Value:
-        node = ir.node(op, inputs, attrs, domain=domain, name=_unique_node_name(self.graph, f"rotate_{op}"))
+        node = ir.node(op, inputs, attrs, domain=domain, name=self._fresh(f"rotate_{op}"))
         self.graph.append(node)
         out = node.outputs[0]
-        out.name = node.name + "_out"
+        out.name = self._fresh(node.name + "_out")
         if like is not None and like.dtype is not None:  # untyped stays untyped (no shape inference yet)
             out.dtype = like.dtype
             if shape == "same" and like.shape is not None:
                 out.shape = like.shape
         return out
+
+    def _fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.names:
+            name, i = f"{base}_{i}", i + 1
+        self.names.add(name)
+        return name
 
     def _ints(self, values: list[int]) -> ir.Value:
         return self._initializer("rotate_axes_last", np.array(values, np.int64), reuse=True)
@@ -555,10 +568,8 @@ class _Run:
     def _initializer(self, name: str, array: np.ndarray, reuse: bool = False) -> ir.Value:
         if reuse and name in self.graph.initializers:
             return self.graph.initializers[name]
-        base, i = name, 1
-        while name in self.graph.initializers:
-            name, i = f"{base}_{i}", i + 1
-        value = ir.Value(name=name, const_value=ir.Tensor(np.ascontiguousarray(array), name=name))
+        name = self._fresh(name)
+        value = ir.Value(name=name, const_value=ir.Tensor(np.array(array, order="C"), name=name))  # keeps 0-d arrays 0-d
         value.dtype = value.const_value.dtype
         value.shape = ir.Shape(array.shape)
         self.graph.register_initializer(value)
@@ -600,23 +611,17 @@ def _producer_label(p) -> str:
     return f"{p.kind}:{p.layer.name if p.layer is not None else p.value.name}"
 
 
-def _unique_node_name(graph: ir.Graph, base: str) -> str:
-    counter = graph.meta.setdefault("lpcompile.rotate.names", Counter())
-    counter[base] += 1
-    return f"{base}_{counter[base]}"
-
-
-def _replace_uses(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+def _replace_uses(graph: ir.Graph, old: ir.Value, new: ir.Value, fresh) -> None:
     for use in list(old.uses()):
         use.node.replace_input_with(use.idx, new)
     if old.is_graph_output():
-        _replace_graph_output(graph, old, new)
+        _replace_graph_output(graph, old, new, fresh)
 
 
-def _replace_graph_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+def _replace_graph_output(graph: ir.Graph, old: ir.Value, new: ir.Value, fresh) -> None:
     """`new` takes `old`'s place (and name) among the graph outputs."""
     name = old.name
-    old.name = f"{name}_rotated"
+    old.name = fresh(f"{name}_rotated")
     new.name = name
     for i, out in enumerate(graph.outputs):
         if out is old:

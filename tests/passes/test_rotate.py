@@ -31,7 +31,9 @@ def _copy(model: ir.Model) -> ir.Model:
 
 
 def assert_same_function(before: ir.Model, after: ir.Model, feeds: dict) -> None:
-    """fp32 tolerance: rotations change only the rounding (errors of a wrong fold are O(1))."""
+    """fp32 tolerance: rotations change only the rounding (errors of a wrong fold are O(1)).
+    The rotated model is also a valid ONNX model by the checker (types and shapes included)."""
+    onnx.checker.check_model(ir.to_proto(after), full_check=True)
     for ref, got in zip(ort_run(before, feeds), ort_run(after, feeds)):
         scale = float(np.abs(ref).max())
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=2e-5 * scale)
