@@ -42,7 +42,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx_ir as ir
 
 from lpcompile.ir.patterns import LinearLayer, Norm, find_linear_layers, find_norms
@@ -487,7 +486,3 @@ def _follow(producer: LinearLayer, index: _Index) -> Chain:
     if not chain.consumers and not chain.problems:
         chain.problems.append("reaches no linear layer")
     return chain
-
-
-def constant_array(value: ir.Value) -> np.ndarray:
-    return value.const_value.numpy()

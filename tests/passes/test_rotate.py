@@ -122,12 +122,14 @@ def test_seeded_sign_flips_are_exact_and_deterministic(llama):
     a, b, plain = _copy(llama), _copy(llama), _copy(llama)
     Rotate(mode="fold", seed=7)(a)
     Rotate(mode="fold", seed=7)(b)
-    Rotate(mode="fold")(plain)
+    Rotate(mode="fold", seed=None)(plain)
     assert_same_function(llama, a, _ids(3))
+    assert_same_function(llama, plain, _ids(3))
     weights = lambda m: [np.asarray(l.weight.const_value.numpy()) for l in find_linear_layers(m.graph)]
     assert all(np.array_equal(x, y) for x, y in zip(weights(a), weights(b)))
     assert not all(np.array_equal(x, y) for x, y in zip(weights(a), weights(plain)))
     assert "random signs" in a.meta[REPORT_KEY]["regions"][0]["rotation"]
+    assert "random signs" not in plain.meta[REPORT_KEY]["regions"][0]["rotation"]
 
 
 def test_llama_outliers_spread(llama):
@@ -145,8 +147,8 @@ def test_llama_outliers_spread(llama):
         assert before["kurtosis"] > 50 and after["kurtosis"] < 5, (name, before, after)
     for name in (n for n in stats if "down_proj" in n):  # online: smaller outliers, also spread
         assert stats[name]["after"]["max_to_median"] < stats[name]["before"]["max_to_median"] / 2
-    assert stats == {k: v for k, v in stats.items()}  # plain data: the report is JSON-able
-    json.dumps(stats)
+    assert outlier_stats(llama, data) == {k: v["before"] for k, v in stats.items()}
+    json.dumps(stats)  # plain data: the report is JSON-able
 
 
 def test_llama_w8a8_static_gains_sqnr_from_rotation(llama):
@@ -235,7 +237,7 @@ def test_gemm_absorbs_layernorm_affine_into_a_new_bias():
         proto.graph.initializer.append(onnx.numpy_helper.from_array(arr.astype(np.float32), name))
     base = ir.serde.deserialize_model(proto)
     model = _copy(base)
-    _, report = _rotate(model, mode="fold")
+    _, report = _rotate(model, mode="fold", seed=None)
     assert report["regions"][0]["status"] == "folded"
     assert _ops(model) == ["ReduceMean", "Sub", "Mul", "ReduceMean", "Add", "Sqrt", "Reciprocal", "Mul", "Gemm"]
     assert _ops(model, DOMAIN) == [HADAMARD_OP]  # the entry
@@ -243,6 +245,10 @@ def test_gemm_absorbs_layernorm_affine_into_a_new_bias():
     assert len(gemm.inputs) == 3 and gemm.inputs[2].const_value is not None  # alpha·β·W as C
     x = (rng.standard_normal((5, 32)) * 3 + 2).astype(np.float32)
     assert_same_function(base, model, {"x": x})
+    signed = _copy(base)
+    Rotate(mode="fold")(signed)  # default: random signs, one more Mul where the stream enters
+    assert _ops(signed).count("Mul") == 3
+    assert_same_function(base, signed, {"x": x})
 
 
 # --- torch.nn.TransformerEncoderLayer and the CNN -----------------------------------------------------
@@ -441,8 +447,8 @@ def _quantized_cosine(base, calib_dir, feeds, rotate, weights, activations, embe
 
 
 # Floors from the issue: W8A8 static per-tensor >= 0.998, dynamic per-token >= 0.999, W4A4 >= 0.90.
-# Measured here (held-out sentences, without -> with rotation): static 0.9933 -> 0.9991, per-token
-# 0.9974 -> 0.9997, W4A4 (GPTQ, int4 per-token stored in int8) 0.8125 -> 0.9367.
+# Measured here (held-out sentences, without -> with rotation, default seed): static 0.9933 -> 0.9994,
+# per-token 0.9974 -> 0.9998, W4A4 (GPTQ, int4 per-token grid stored in int8) 0.8125 -> 0.9591.
 MINILM_CASES = {
     "w8a8-static": ("int8:channel(1):sym", "uint8:tensor:asym", "int8:channel(1):sym", "gptq", 0.998),
     "w8a8-token": ("int8:channel(1):sym", "int8:token:sym:dynamic", "int8:channel(1):sym", "gptq", 0.999),
@@ -463,7 +469,7 @@ def test_minilm_quantized_with_rotation_meets_the_floor(minilm, case):
         if "PerTokenQDQ_int4" not in str(e):
             raise
         pytest.xfail("Quantize's PerTokenQDQ_int4 does not load in onnxruntime (Expand of an int4 zero point); "
-                     "measured with the int4 grid in int8 containers: 0.8125 -> 0.9367")
+                     "measured with the int4 grid in int8 containers: 0.8125 -> 0.9591")
     rotated = _quantized_cosine(base, d / "minilm.calib", feeds, True, *specs)
     print(f"MiniLM {case}: held-out cosine {plain:.5f} -> {rotated:.5f} with rotation")
     assert rotated >= floor and rotated > plain
