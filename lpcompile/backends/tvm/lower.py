@@ -79,10 +79,15 @@ class QuantizedActivation:
 class LoweringReport:
     fired: Counter = field(default_factory=Counter)
     refused: Counter = field(default_factory=Counter)
+    # per quantized-weight MatMul/Gemm node (ONNX node name): kernel, status, activation, reason
+    layers: dict[str, dict] = field(default_factory=dict)
 
-    def refuse(self, pattern: str, reason: str) -> None:
+    def refuse(self, pattern: str, reason: str, node: str | None = None) -> None:
         log.debug("lower: %s not lowered: %s", pattern, reason)
         self.refused[f"{pattern}: {reason}"] += 1
+        if node is not None:
+            self.layers[node] = {"kernel": None, "status": "float fallback", "activation": "float32",
+                                 "reason": f"{pattern}: {reason}; runs in float on the dequantized weights"}
 
 
 class _Context:
@@ -264,6 +269,26 @@ class PerTokenQDQ_int8(ox.OnnxOpConverter):  # noqa: N801 (the ONNX op name)
         return var
 
 
+class Hadamard(ox.OnnxOpConverter):
+    """`ai.lpcompile::Hadamard(x, a, s)`: x · diag(a⊗s, ...) over the last axis, as aᵀ·X·s on each
+    block viewed as [m, t] — O(n·(m+t)) with the small factors, not a dense n×n matmul. (A fused
+    fast Walsh–Hadamard TIR kernel for the Sylvester factor is still to come.)"""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        ctx = _ACTIVE.get()
+        x, a, s = inputs
+        x2, rows, shape = _flatten_rows(bb, x)
+        m, t = int(_shape(a)[0]), int(_shape(s)[0])
+        n = _static(shape[-1])
+        blocks = n // (m * t)
+        z = bb.emit(relax.op.matmul(relax.op.reshape(x2, [rows, blocks, m, t]), s))
+        z = bb.emit(relax.op.matmul(relax.op.permute_dims(z, [0, 1, 3, 2]), a))
+        y = bb.emit(relax.op.reshape(relax.op.permute_dims(z, [0, 1, 3, 2]), [rows, n]))
+        ctx.report.fired["Hadamard"] += 1
+        return y if len(shape) == 2 else bb.emit(relax.op.reshape(y, shape))
+
+
 def _dequantize_activation(ctx: _Context, act: QuantizedActivation) -> relax.Expr:
     """The float value of a quantized activation (the fallback when no kernel consumes it)."""
     bb = ctx.bb
@@ -293,7 +318,7 @@ def _decode_kernel(k: int, dtype: str) -> tirx.PrimFunc:
 class MatMul(ox.MatMul):
     @classmethod
     def _impl_v13(cls, bb, inputs, attr, params):
-        out = _lower_linear(_ACTIVE.get(), inputs[0], inputs[1], transposed=False, pattern="MatMul")
+        out = _lower_linear(_ACTIVE.get(), inputs[0], inputs[1], transposed=False, pattern="MatMul", node=_node_name(attr))
         return out if out is not None else super()._impl_v13(bb, inputs, attr, params)
 
 
@@ -302,33 +327,39 @@ class Gemm(ox.Gemm):
     def _impl_v13(cls, bb, inputs, attr, params):
         ctx = _ACTIVE.get()
         if attr.get("transA", 0) or attr.get("alpha", 1.0) != 1.0 or attr.get("beta", 1.0) != 1.0:
-            ctx.report.refuse("Gemm", "transA / alpha / beta")
+            ctx.report.refuse("Gemm", "transA / alpha / beta", _node_name(attr) if inputs[1] in ctx.weights else None)
             return super()._impl_v13(bb, inputs, attr, params)
-        out = _lower_linear(ctx, inputs[0], inputs[1], transposed=bool(attr.get("transB", 0)), pattern="Gemm")
+        out = _lower_linear(ctx, inputs[0], inputs[1], transposed=bool(attr.get("transB", 0)), pattern="Gemm",
+                            node=_node_name(attr))
         if out is None:
             return super()._impl_v13(bb, inputs, attr, params)
         return relax.op.add(out, inputs[2]) if inputs[2] is not None else out
 
 
-def _lower_linear(ctx: _Context, a: relax.Expr, b: relax.Expr, *, transposed: bool, pattern: str):
+def _node_name(attr: dict) -> str | None:
+    return (attr.get("tvm_custom") or {}).get("name")
+
+
+def _lower_linear(ctx: _Context, a: relax.Expr, b: relax.Expr, *, transposed: bool, pattern: str, node: str | None = None):
     bb = ctx.bb
     w = ctx.weights.get(b)
     if w is None:
         return None
+    report = ctx.report  # refusals of this layer are recorded under its node name
     if w.q.ndim != 2 or a.ty.ndim < 2:
-        ctx.report.refuse(pattern, "weights must be 2-D and the activation at least 2-D")
+        report.refuse(pattern, "weights must be 2-D and the activation at least 2-D", node)
         return None
     if w.zero_point is not None and np.any(w.zero_point.astype(np.float32) != 0):
-        ctx.report.refuse(pattern, "asymmetric weights (nonzero zero point)")
+        report.refuse(pattern, "asymmetric weights (nonzero zero point)", node)
         return None
     kind = {"int4": "int4", "int8": "int8", **{f: f for f in FLOAT8}}.get(w.dtype)
     if kind is None:
-        ctx.report.refuse(pattern, f"no kernel for {w.dtype} weights")
+        report.refuse(pattern, f"no kernel for {w.dtype} weights", node)
         return None
     try:
         q_kn, s, block = K.onnx_weight_to_kn(w.q, w.scale, axis=w.axis, block_size=w.block_size, transposed=transposed)
     except ModelError as e:
-        ctx.report.refuse(pattern, str(e))
+        report.refuse(pattern, str(e), node)
         return None
     k, n = q_kn.shape
     k_pad = s.shape[0] * block
@@ -342,23 +373,28 @@ def _lower_linear(ctx: _Context, a: relax.Expr, b: relax.Expr, *, transposed: bo
 
     act = ctx.acts.get(a)
     pair = K.PAIRS.get((act.dtype, kind)) if act is not None else None
+    emulated = None
     if act is not None and pair is not None and pair.act_scale == act.kind:
         x2, m = act.q, _shape(act.q)[0]
         args = [x2, act.scale] + ([act.zero_point] if act.zero_point is not None else []) + [wc, sc]
         activation, shape = act.dtype, act.shape
     else:
         if act is not None:
-            ctx.report.refuse(pattern, f"no {act.kind}-scaled {act.dtype} x {kind} kernel: float activations instead")
+            emulated = f"no {act.kind}-scaled {act.dtype} x {kind} kernel: float activations instead"
+            report.refuse(pattern, emulated)
         x2, m, shape = _flatten_rows(bb, a)
         args, activation = [x2, wc, sc], "float32"
     if _static(shape[-1]) != k:
-        ctx.report.refuse(pattern, f"activation features {shape[-1]} != weight K {k}")
+        report.refuse(pattern, f"activation features {shape[-1]} != weight K {k}", node)
         return None
     rows = 1 if _static(m) == 1 else None
     key = ("matmul", activation, kind, rows or "m", k, n, block_arg or "ch")
     gv = ctx.kernel(key, lambda: K.quantized_matmul(rows, k, n, weight=kind, activation=activation, block_size=block_arg))
     y2 = bb.emit(relax.call_tir(gv, args, relax.TensorType([m, n], "float32")))
     ctx.report.fired[f"{pattern}[{activation} x {kind}]"] += 1
+    if node is not None:
+        report.layers[node] = {"kernel": f"{activation} x {kind}", "activation": activation,
+                               "status": "emulated" if emulated else "native", "reason": emulated}
     return y2 if len(shape) == 2 else relax.op.reshape(y2, [*shape[:-1], n])
 
 
@@ -366,6 +402,7 @@ CONVERTERS: dict[str, type] = {
     "DequantizeLinear": DequantizeLinear,
     "QuantizeLinear": QuantizeLinear,
     "PerTokenQDQ_int8": PerTokenQDQ_int8,
+    "Hadamard": Hadamard,
     "MatMul": MatMul,
     "Gemm": Gemm,
 }
@@ -399,7 +436,7 @@ class QdqImporter(ox.ONNXGraphImporter):
         converter = CONVERTERS.get(op_name)
         if converter is None:
             return super()._convert_operator(op_name, inputs, attrs, opset)
-        version = 1 if converter is PerTokenQDQ_int8 else opset
+        version = 1 if converter in (PerTokenQDQ_int8, Hadamard) else opset
         sym = converter.get_converter(version)(self.bb, inputs, attrs, [self._nodes, self._params])
         return self.bb.normalize(sym) if isinstance(sym, relax.Expr) else sym
 

@@ -1,0 +1,164 @@
+"""The TVM artifact: `model.so` + `manifest.json` in an output directory.
+
+    manifest = export_artifact(qdq_proto, host_target(), "out/", report=compiled.report)
+
+`model.so` is the exported Relax VM executable. Its weights are the Relax constants of the
+lowered module, stored by the VM in the library's constant pool in the form the kernels read
+them: packed int4 (eight per uint32), int8, fp8 bytes, and their float32 scales. The float
+fallback of a quantized weight (its dequantized copy) is only there when a consumer other than
+a low-bit kernel needs it; the manifest names every such layer ("float fallback" / "emulated")
+with the reason. There is no separate weights file: one file to load, mmap'ed by the loader.
+
+For CUDA the kernels are compiled at build time by nvcc into a fatbin for the target's arch
+(TVM's `tvm_callback_cuda_compile` is overridden for the duration of the build), so loading the
+library needs neither NVRTC nor nvcc.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+import onnx
+import tvm
+
+from lpcompile.backends.tvm.lower import LoweringReport, from_onnx
+
+LIBRARY = "model.so"
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+_ONNX_DTYPES = {v: onnx.helper.tensor_dtype_to_np_dtype(v).name for v in (
+    onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64,
+    onnx.TensorProto.INT32, onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.BOOL)}
+
+
+def _value_info(v: onnx.ValueInfoProto) -> dict:
+    t = v.type.tensor_type
+    dims = []
+    for d in t.shape.dim:
+        dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+    return {"name": v.name, "dtype": _ONNX_DTYPES.get(t.elem_type, str(t.elem_type)), "shape": dims}
+
+
+@contextlib.contextmanager
+def _nvcc_fatbin(target: tvm.target.Target):
+    """While building for CUDA: compile the generated source with nvcc to a fatbin for the
+    target's arch (precise division, as the kernel tests use), instead of NVRTC."""
+    if target.kind.name != "cuda":
+        yield
+        return
+    import tvm_ffi
+    from tvm.support import nvcc
+
+    from lpcompile.backends.tvm.kernels import CUDA_PRECISE_MATH
+
+    arch = str(target.attrs["arch"])
+    name = "tvm_callback_cuda_compile"
+    previous = tvm_ffi.get_global_func(name, allow_missing=True)
+
+    def compile_with_nvcc(code, *_):
+        return bytes(nvcc.compile_cuda(code, target_format="fatbin", arch=arch, options=CUDA_PRECISE_MATH,
+                                       compiler="nvcc"))
+
+    tvm_ffi.register_global_func(name, compile_with_nvcc, override=True)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            tvm_ffi.register_global_func(name, previous, override=True)
+
+
+def _layer_records(proto: onnx.ModelProto, lowering: LoweringReport, report: dict | None) -> list[dict]:
+    """One record per layer the QDQ model quantizes: its formats (from the compile report or
+    the node metadata) and how the lowering ran it (`native` kernel, `emulated`, or
+    `float fallback`, with the reason)."""
+    from_meta = {}
+    for node in proto.graph.node:
+        props = {p.key: p.value for p in node.metadata_props}
+        if "lpcompile.weight_format" in props or "lpcompile.activation_format" in props:
+            from_meta[props.get("lpcompile.layer", node.name)] = {
+                "node": node.name, "op": node.op_type,
+                "weight_format": props.get("lpcompile.weight_format", "float32"),
+                "activation_format": props.get("lpcompile.activation_format", "float32"),
+            }
+    layers = []
+    names = [l["name"] for l in report["layers"]] if report else list(from_meta)
+    for name in names:
+        meta = from_meta.get(name, {"node": name, "op": None, "weight_format": "float32", "activation_format": "float32"})
+        if report:
+            rl = next(l for l in report["layers"] if l["name"] == name)
+            meta = {**meta, "op": rl["op"], "weight_format": rl["weight_format"], "activation_format": rl["activation_format"]}
+        low = lowering.layers.get(meta["node"])
+        rec = {"name": name, **meta}
+        if low is None:
+            rec.update(status="float fallback", kernel=None,
+                       reason=f"no low-bit kernel for a quantized {meta['op']}: its weights were dequantized to "
+                              "float32 at compile time and it runs in float")
+        else:
+            rec.update(kernel=low["kernel"], status=low["status"], reason=low.get("reason"))
+            wants_act = meta["activation_format"] != "float32"
+            if wants_act and low["activation"] == "float32":
+                rec.update(status="emulated",
+                           reason=low.get("reason") or f"{meta['activation_format']} activations are quantized and "
+                                  "dequantized in float (Q/DQ emulation), the matmul reads float activations")
+        layers.append(rec)
+    return layers
+
+
+def export_artifact(
+    qdq_model: onnx.ModelProto,
+    target: tvm.target.Target,
+    out_dir: str | os.PathLike,
+    input_shapes: dict[str, list] | None = None,
+    report: dict | None = None,
+) -> dict:
+    """Lower and build `qdq_model` for `target`; write model.so and manifest.json into
+    `out_dir` (which must exist). Returns the manifest."""
+    out = Path(out_dir)
+    if any(not n.name for n in qdq_model.graph.node):  # layers are told apart by node name
+        named = onnx.ModelProto()
+        named.CopyFrom(qdq_model)
+        for i, n in enumerate(named.graph.node):
+            n.name = n.name or f"{n.op_type}:{n.output[0] if n.output else i}"
+        qdq_model = named
+    t0 = time.perf_counter()
+    mod, lowering = from_onnx(qdq_model, target, input_shapes)
+    t1 = time.perf_counter()
+    with _nvcc_fatbin(target):
+        ex = tvm.compile(mod, target=target)
+    t2 = time.perf_counter()
+    ex.export_library(str(out / LIBRARY))
+    t3 = time.perf_counter()
+    layers = _layer_records(qdq_model, lowering, report)
+    inputs = [_value_info(v) for v in qdq_model.graph.input
+              if v.name not in {i.name for i in qdq_model.graph.initializer}]
+    if input_shapes:
+        for i in inputs:
+            if i["name"] in input_shapes:
+                i["shape"] = [int(d) if isinstance(d, int) else d for d in input_shapes[i["name"]]]
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "library": LIBRARY,
+        "weights": {"stored_in": LIBRARY, "form": "low-bit constants of the Relax VM (packed int4 / int8 / fp8 + "
+                                                  "float32 scales)"},
+        "target": str(target),
+        "target_kind": target.kind.name,
+        "device": "cuda" if target.kind.name == "cuda" else "cpu",
+        "cuda_binary": "fatbin (nvcc, built at compile time)" if target.kind.name == "cuda" else None,
+        "tvm_version": tvm.__version__,
+        "inputs": inputs,
+        "outputs": [_value_info(v) for v in qdq_model.graph.output],
+        "format": report.get("format") if report else None,
+        "layers": layers,
+        "fallbacks": [{"name": l["name"], "status": l["status"], "reason": l["reason"]}
+                      for l in layers if l["status"] != "native"],
+        "lowering": {"fired": dict(lowering.fired), "refused": dict(lowering.refused)},
+        "library_bytes": (out / LIBRARY).stat().st_size,
+        "seconds": {"lower": round(t1 - t0, 3), "build": round(t2 - t1, 3), "export": round(t3 - t2, 3)},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest

@@ -1,0 +1,180 @@
+"""Running a TVM artifact (`model.so` + `manifest.json`) on the Relax VM.
+
+Inputs are numpy arrays or torch tensors, by position or by input name. Contiguous, 64-byte aligned
+arrays of the right dtype cross into TVM through DLPack without a copy (numpy and torch, CPU or CUDA);
+anything else is converted first. Outputs come back as numpy arrays (torch tensors, through
+DLPack, when the inputs were torch tensors).
+
+This module imports TVM's runtime, numpy and the manifest; never lpcompile's compiler.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LIBRARY = "model.so"
+MANIFEST = "manifest.json"
+ALIGN = 64  # TVM's DLPack import refuses less aligned data
+
+
+class ArtifactError(ValueError):
+    """The directory is not a loadable artifact, or the inputs do not fit it."""
+
+
+class TvmModel:
+    """A compiled model: `model(*arrays)` / `model(name=array, ...)` / `model.run(feeds)`."""
+
+    def __init__(self, out_dir, device=None):
+        import tvm
+        from tvm.runtime.vm import VirtualMachine
+
+        self.path = Path(out_dir)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise ArtifactError(f"{self.path}: no {MANIFEST} (not a TVM artifact; compile with --emit tvm)")
+        self.manifest = json.loads(manifest_path.read_text())
+        lib = self.path / self.manifest.get("library", LIBRARY)
+        if not lib.is_file():
+            raise ArtifactError(f"{self.path}: {lib.name} is missing")
+        kind = device or self.manifest.get("device", "cpu")
+        self.is_cuda = kind == "cuda"
+        self.device = tvm.cuda(0) if self.is_cuda else tvm.cpu(0)
+        if kind == "cuda" and not self.device.exist:
+            raise ArtifactError(f"{self.path}: compiled for CUDA but no CUDA device is available")
+        self._tvm = tvm
+        self._vm = VirtualMachine(tvm.runtime.load_module(str(lib)), self.device)
+        self._main = self._vm["main"]
+        self.input_names = [i["name"] for i in self.manifest["inputs"]]
+        self.output_names = [o["name"] for o in self.manifest["outputs"]]
+
+    def __repr__(self) -> str:
+        return f"TvmModel({str(self.path)!r}, target={self.manifest.get('target')!r}, format={self.manifest.get('format')!r})"
+
+    # --- inputs ---------------------------------------------------------------------------------
+
+    def _feeds(self, args: tuple, kwargs: dict) -> list:
+        if len(args) == 1 and isinstance(args[0], dict) and not kwargs:
+            kwargs, args = args[0], ()
+        if len(args) > len(self.input_names):
+            raise ArtifactError(f"{len(args)} inputs given, the model takes {len(self.input_names)}")
+        feeds = dict(zip(self.input_names, args))
+        for name, value in kwargs.items():
+            if name not in self.input_names:
+                raise ArtifactError(f"unknown input {name!r}; inputs: {', '.join(self.input_names)}")
+            if name in feeds:
+                raise ArtifactError(f"input {name!r} given twice")
+            feeds[name] = value
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise ArtifactError(f"missing inputs: {', '.join(missing)}")
+        return [self._to_tvm(feeds[spec["name"]], spec) for spec in self.manifest["inputs"]]
+
+    def _to_tvm(self, value: Any, spec: dict):
+        tvm = self._tvm
+        dtype = spec["dtype"]
+        if type(value).__module__.startswith("torch"):
+            import torch
+
+            want = getattr(torch, dtype)
+            on_device = (value.device.type == "cuda") == self.is_cuda
+            if value.dtype != want or not value.is_contiguous() or not on_device:
+                value = value.to(dtype=want, device="cuda" if self.is_cuda else "cpu")
+                value = value.contiguous()
+            if value.data_ptr() % ALIGN:
+                value = value.clone()  # TVM takes only 64-byte aligned memory
+            arr = tvm.runtime.from_dlpack(value)  # no copy
+        else:
+            value = np.asarray(value)
+            if value.dtype != np.dtype(dtype) or not value.flags.c_contiguous:
+                value = np.ascontiguousarray(value, dtype=dtype)
+            if not self.is_cuda and value.ctypes.data % ALIGN == 0:
+                arr = tvm.runtime.from_dlpack(value)  # no copy
+            else:
+                arr = tvm.runtime.tensor(value, self.device)
+        self._check_shape(arr.shape, spec)
+        return arr
+
+    @staticmethod
+    def _check_shape(shape, spec) -> None:
+        want = spec["shape"]
+        if len(shape) != len(want) or any(isinstance(w, int) and w != s for w, s in zip(want, shape)):
+            shown = ["?" if not isinstance(w, int) else w for w in want]
+            raise ArtifactError(f"input {spec['name']!r}: shape {list(shape)} does not fit {shown}")
+
+    # --- running ---------------------------------------------------------------------------------
+
+    def _invoke(self, arrays: list):
+        out = self._main(*arrays)
+        return list(out) if isinstance(out, (list, tuple)) or type(out).__name__ == "Array" else [out]
+
+    def run(self, feeds: dict) -> dict[str, np.ndarray]:
+        """Outputs by name, as numpy arrays."""
+        outs = self._invoke(self._feeds((), dict(feeds)))
+        return {name: o.numpy() for name, o in zip(self.output_names, outs)}
+
+    def __call__(self, *args, **kwargs):
+        """One output: an array; several: a dict by output name. numpy in, numpy out; torch in,
+        torch out (DLPack, no copy)."""
+        torch_in = any(type(v).__module__.startswith("torch") for v in (*args, *kwargs.values()))
+        outs = self._invoke(self._feeds(args, kwargs))
+        if torch_in:
+            import torch
+
+            conv = [torch.from_dlpack(o) for o in outs]
+        else:
+            conv = [o.numpy() for o in outs]
+        return conv[0] if len(conv) == 1 else dict(zip(self.output_names, conv))
+
+    # --- benchmarking ----------------------------------------------------------------------------
+
+    def example_inputs(self, batch: int = 1, seq: int = 128, seed: int = 0) -> dict[str, np.ndarray]:
+        """Random inputs from the manifest: a symbolic dim first in an input is `batch`, any later
+        one `seq`; integer inputs are token ids in [0, 1000) (masks: ones, type ids: zeros)."""
+        rng = np.random.default_rng(seed)
+        feeds = {}
+        for spec in self.manifest["inputs"]:
+            shape = [d if isinstance(d, int) else (batch if i == 0 else seq) for i, d in enumerate(spec["shape"])]
+            dtype = np.dtype(spec["dtype"])
+            name = spec["name"].lower()
+            if dtype.kind == "f":
+                feeds[spec["name"]] = rng.standard_normal(shape).astype(dtype)
+            elif "mask" in name:
+                feeds[spec["name"]] = np.ones(shape, dtype)
+            elif "type" in name:
+                feeds[spec["name"]] = np.zeros(shape, dtype)
+            else:
+                feeds[spec["name"]] = rng.integers(0, 1000, shape).astype(dtype)
+        return feeds
+
+    def benchmark(self, inputs: dict | None = None, warmup: int = 5, repeat: int = 50, batch: int = 1,
+                  seq: int = 128) -> dict:
+        """Latency of one call (inputs already on the device): p50/p90/p99/mean ms, and
+        throughput in samples (the first dim of the first input) per second."""
+        feeds = inputs if inputs is not None else self.example_inputs(batch, seq)
+        arrays = self._feeds((), dict(feeds))
+        for _ in range(warmup):
+            self._invoke(arrays)
+        self.device.sync()
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            self._invoke(arrays)
+            self.device.sync()
+            times.append(time.perf_counter() - t0)
+        ms = np.array(times) * 1e3
+        samples = int(arrays[0].shape[0]) if arrays and len(arrays[0].shape) else 1
+        return {
+            "p50_ms": float(np.percentile(ms, 50)),
+            "p90_ms": float(np.percentile(ms, 90)),
+            "p99_ms": float(np.percentile(ms, 99)),
+            "mean_ms": float(ms.mean()),
+            "throughput_per_s": samples / float(np.median(times)),
+            "batch": samples,
+            "repeat": repeat,
+            "input_shapes": {k: list(np.shape(v)) for k, v in feeds.items()},
+        }
