@@ -108,3 +108,21 @@ def _nbytes(tensor) -> int:
         return int(tensor.nbytes)
     except Exception:
         return 0
+
+
+def upgrade_opset(model: ir.Model, version: int) -> bool:
+    """Raise the default-domain opset to `version` in place (onnx's version converter, which
+    rewrites changed ops such as ReduceMean's axes attribute -> input). False if already there."""
+    current = model.graph.opset_imports.get("", 0)
+    if current >= version:
+        return False
+    try:
+        converted = onnx.version_converter.convert_version(to_proto(model), version)
+        new = ir.serde.deserialize_model(converted)
+    except Exception as e:
+        raise ModelError(f"cannot upgrade the model from opset {current} to {version}: {_first_line(e)}") from e
+    model.graph = new.graph
+    model.functions.clear()
+    model.functions.update(new.functions)
+    model.ir_version = max(model.ir_version, new.ir_version)
+    return True

@@ -63,8 +63,8 @@ def layer_name(node: ir.Node, weight: ir.Value) -> str:
     if scopes:  # torch.onnx (dynamo) records the module path: "['', 'encoder', 'layer', '0', ...]"
         parts = [p.strip(" '\"") for p in scopes.strip("[]").split(",")]
         parts = [p for p in parts if p][:-1]  # the last scope is the aten op
-        if parts:
-            return ".".join(parts)
+        if parts:  # scopes are cumulative paths ('layers.0', 'layers.0.attn', ...) or single names
+            return parts[-1] if all(parts[-1].startswith(p) for p in parts) else ".".join(parts)
     return node.name or wname or "?"
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from lpcompile.ir import upgrade_opset
 from lpcompile.ir.patterns import PATTERN_KEY, find_linear_layers, find_norms
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,14 @@ class Canonicalize(ir.passes.InPlacePass):
     shape_inference: bool = True
     # Folding must reach weight-sized tensors (a Transpose of a 4096x11008 weight).
     fold_size_limit: int = 1 << 28
+    # Opset 21 is the first with int4 and blocked DequantizeLinear; upgrading here, before any
+    # pass adds model-local functions, keeps those functions intact.
+    min_opset: int = 21
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         stats: Counter[str] = Counter()
-        modified = common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16)(model).modified
+        modified = upgrade_opset(model, self.min_opset)
+        modified |= common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16)(model).modified
         if self.fold_constants:
             from onnxscript.optimizer import fold_constants
 

@@ -25,6 +25,7 @@ import onnx_ir as ir
 
 from lpcompile.errors import PassError
 from lpcompile.formats import FloatFormat, IntFormat, PerBlock, PerChannel, PerTensor, QuantSpec
+from lpcompile.ir import upgrade_opset
 from lpcompile.ir.patterns import LinearLayer, find_linear_layers
 from lpcompile.passes.calibrate import CALIBRATION_KEY, Calibration
 from lpcompile.passes.weight_quant import QuantizedWeight, quantize_weight
@@ -67,13 +68,13 @@ class Quantize(ir.passes.InPlacePass):
     stats: Counter = field(default_factory=Counter, compare=False)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        upgraded = upgrade_opset(model, QDQ_OPSET)  # int4 and blocked scales need opset 21
         layers = find_linear_layers(model.graph)
         plans = self.plan(layers)
         calibration: Calibration | None = model.meta.get(CALIBRATION_KEY)
         needs_calibration = [n for n, p in plans.items() if p.activations is not None and not p.activations.dynamic]
         if needs_calibration and calibration is None:
             raise PassError(f"static activation scales need calibration first (layers: {needs_calibration[0]}, ...)")
-        _ensure_opset(model)
         quantized_weights: dict[tuple[str, str, bool], ir.Value] = {}
         activation_qdq: dict[tuple[str, str], ir.Value] = {}
         todo = [layer for layer in layers if plans[layer.name].weights or plans[layer.name].activations]
@@ -99,7 +100,7 @@ class Quantize(ir.passes.InPlacePass):
                 self.progress(i + 1, len(todo))
         _drop_unused_initializers(model.graph)
         model.graph.sort()
-        return ir.passes.PassResult(model, modified=bool(todo))
+        return ir.passes.PassResult(model, modified=bool(todo) or upgraded)
 
     # --- policy: which layer gets what -----------------------------------------------------------
 
@@ -259,20 +260,6 @@ def _drop_unused_initializers(graph: ir.Graph) -> None:
             del graph.initializers[name]
 
 
-def _ensure_opset(model: ir.Model) -> None:
-    """QDQ with int4 and blocked scales needs opset 21 of the default domain."""
-    current = model.graph.opset_imports.get("", model.opset_imports.get("", 0))
-    if current >= QDQ_OPSET:
-        return
-    from onnxscript.version_converter import convert_version
-
-    try:
-        convert_version(model, QDQ_OPSET)
-    except Exception as e:
-        raise PassError(f"cannot upgrade the model from opset {current} to {QDQ_OPSET}: {e}") from e
-    model.opset_imports[""] = max(model.opset_imports.get("", 0), QDQ_OPSET)
-
-
 # --- dynamic per-token activations as an ONNX function --------------------------------------------
 
 
@@ -299,10 +286,10 @@ def _per_token_function(model: ir.Model, spec: QuantSpec) -> ir.Function:
     absmax = add("ReduceMax", [add("Abs", [rows]), const(np.array([1], np.int64), "axes")], {"keepdims": 0})
     scale = add("Max", [add("Div", [absmax, const(np.array(fmt.max_finite, np.float32), "qmax")]),
                         const(np.array(2.0**-24, np.float32), "tiny")])
-    zp = const(_storage(np.zeros((), np.float32), fmt), "zero_point")
-    zps = add("Expand", [zp, add("Shape", [scale])])
-    q = add("QuantizeLinear", [rows, scale, zps], {"axis": 0})
-    dq = add("DequantizeLinear", [q, scale, zps], {"axis": 0})
+    # No zero point (symmetric): the code type comes from output_dtype (opset 21), which also
+    # avoids an Expand of an int4 zero point that onnxruntime has no kernel for.
+    q = add("QuantizeLinear", [rows, scale], {"axis": 0, "output_dtype": int(fmt.onnx_type)})
+    dq = add("DequantizeLinear", [q, scale], {"axis": 0})
     y = add("Reshape", [dq, shape])
     fn_graph = ir.Graph([x], [y], nodes=nodes, opset_imports={"": QDQ_OPSET}, name=name)
     fn = ir.Function(DOMAIN, name, graph=fn_graph, attributes=[])

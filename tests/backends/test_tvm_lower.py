@@ -185,3 +185,22 @@ def test_unmatched_quantized_values_fall_back_exactly():
     assert any("no row-scaled int8 x int8 kernel" in r for r in report.refused), report.refused
     x = np.random.default_rng(0).standard_normal((3, 128)).astype(np.float32)
     assert_close(run_vm(ex, x), ort_run(model, {"x": x})[0])
+
+
+def test_online_hadamard_lowers_and_matches_ort():
+    """A rotated (online Hadamard), int4-weight MLP: the Hadamard op is lowered, not refused."""
+    import onnx_ir as ir
+
+    from lpcompile.formats import QuantSpec
+    from lpcompile.passes import Quantize, Rotate
+    from tests.conftest import mlp_model
+
+    model = mlp_model()
+    Rotate(mode="online")(model)
+    Quantize(QuantSpec.parse("int4:block(0,128):sym"))(model)
+    proto = ir.to_proto(model)
+    assert any(n.op_type == "Hadamard" for n in proto.graph.node)
+    ex, report = compile_model(proto, TARGET)
+    assert report.fired["Hadamard"] >= 1
+    x = np.random.default_rng(0).standard_normal((2, 4, 256)).astype(np.float32)
+    assert_close(run_vm(ex, x), ort_run(proto, {"x": x})[0], rtol=1e-4, atol=1e-5)
