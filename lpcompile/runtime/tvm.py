@@ -1,4 +1,4 @@
-"""Running a TVM artifact (`model.so` + `manifest.json`) on the Relax VM.
+"""Running a TVM artifact (`model.so` + `params.bin` + `manifest.json`) on the Relax VM.
 
 Inputs are numpy arrays or torch tensors, by position or by input name. Contiguous, 64-byte aligned
 arrays of the right dtype cross into TVM through DLPack without a copy (numpy and torch, CPU or CUDA);
@@ -49,6 +49,14 @@ class TvmModel:
         self._tvm = tvm
         self._vm = VirtualMachine(tvm.runtime.load_module(str(lib)), self.device)
         self._main = self._vm["main"]
+        params = self.path / self.manifest.get("params", "params.bin")
+        names = self.manifest.get("param_names", [])
+        if names and not params.is_file():
+            raise ArtifactError(f"{self.path}: {params.name} is missing")
+        loaded = tvm.runtime.load_param_dict_from_file(str(params)) if names else {}
+        # loaded once onto the device; passed by reference on every call
+        self._params = [loaded[n] if not self.is_cuda else tvm.runtime.tensor(loaded[n].numpy(), self.device)
+                        for n in names]
         self.input_names = [i["name"] for i in self.manifest["inputs"]]
         self.output_names = [o["name"] for o in self.manifest["outputs"]]
 
@@ -109,7 +117,7 @@ class TvmModel:
     # --- running ---------------------------------------------------------------------------------
 
     def _invoke(self, arrays: list):
-        out = self._main(*arrays)
+        out = self._main(*arrays, *self._params)
         return list(out) if isinstance(out, (list, tuple)) or type(out).__name__ == "Array" else [out]
 
     def run(self, feeds: dict) -> dict[str, np.ndarray]:

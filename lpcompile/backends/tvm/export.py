@@ -2,12 +2,12 @@
 
     manifest = export_artifact(qdq_proto, host_target(), "out/", report=compiled.report)
 
-`model.so` is the exported Relax VM executable. Its weights are the Relax constants of the
-lowered module, stored by the VM in the library's constant pool in the form the kernels read
-them: packed int4 (eight per uint32), int8, fp8 bytes, and their float32 scales. The float
-fallback of a quantized weight (its dequantized copy) is only there when a consumer other than
-a low-bit kernel needs it; the manifest names every such layer ("float fallback" / "emulated")
-with the reason. There is no separate weights file: one file to load, mmap'ed by the loader.
+`model.so` is the exported Relax VM executable (code only). The weights are the constants of
+the lowered module, lifted into extra parameters of `main` after the model inputs and written
+to `params.bin` (TVM's parameter format, any dtype) in the form the kernels read them: packed
+int4 (eight per uint32), int8, fp8 bytes, and their float32 scales. The float copy of a
+quantized weight is only there when a consumer other than a low-bit kernel needs it; the
+manifest names every such layer ("float fallback" / "emulated") with the reason.
 
 For CUDA the kernels are compiled at build time by nvcc into a fatbin for the target's arch
 (TVM's `tvm_callback_cuda_compile` is overridden for the duration of the build), so loading the
@@ -28,7 +28,9 @@ import tvm
 from lpcompile.backends.tvm.lower import LoweringReport, from_onnx
 
 LIBRARY = "model.so"
+PARAMS = "params.bin"
 MANIFEST = "manifest.json"
+LIFT_MIN_ELEMENTS = 16  # smaller constants (scalar scales, zero points) stay in the library
 MANIFEST_VERSION = 1
 
 _ONNX_DTYPES = {v: onnx.helper.tensor_dtype_to_np_dtype(v).name for v in (
@@ -72,6 +74,37 @@ def _nvcc_fatbin(target: tvm.target.Target):
             tvm_ffi.register_global_func(name, previous, override=True)
 
 
+def _lift_constants(mod: tvm.IRModule) -> tuple[tvm.IRModule, dict[str, tvm.runtime.Tensor]]:
+    """`main`'s constants (at least LIFT_MIN_ELEMENTS elements) as parameters after the inputs
+    (attribute num_input = the number of inputs), and their values by parameter name."""
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class Lift(PyExprMutator):
+        def __init__(self, mod):
+            super().__init__(mod)
+            self.lifted: list[tuple[str, relax.Var, object]] = []
+
+        def visit_generic_const_(self, op):
+            if int(op.value.numpy().size) < LIFT_MIN_ELEMENTS:  # noqa: PLR2004
+                return op
+            for _, var, const in self.lifted:
+                if const.same_as(op):
+                    return var
+            name = f"p{len(self.lifted)}"
+            var = relax.Var(name, op.ty)
+            self.lifted.append((name, var, op))
+            return var
+
+    func = mod["main"]
+    lift = Lift(mod)
+    body = lift.visit_expr(func.body)
+    new = relax.Function(list(func.params) + [v for _, v, _ in lift.lifted], body, func.ret_ty, func.is_pure, func.attrs)
+    mod["main"] = new.with_attr("num_input", len(func.params))
+    return mod, {name: c.value for name, _, c in lift.lifted}
+
+
 def _layer_records(proto: onnx.ModelProto, lowering: LoweringReport, report: dict | None) -> list[dict]:
     """One record per layer the QDQ model quantizes: its formats (from the compile report or
     the node metadata) and how the lowering ran it (`native` kernel, `emulated`, or
@@ -109,6 +142,14 @@ def _layer_records(proto: onnx.ModelProto, lowering: LoweringReport, report: dic
     return layers
 
 
+def _bytes_by_dtype(params: dict) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for arr in params.values():
+        a = arr.numpy()
+        total[str(arr.dtype)] = total.get(str(arr.dtype), 0) + int(a.nbytes)
+    return total
+
+
 def export_artifact(
     qdq_model: onnx.ModelProto,
     target: tvm.target.Target,
@@ -116,8 +157,9 @@ def export_artifact(
     input_shapes: dict[str, list] | None = None,
     report: dict | None = None,
 ) -> dict:
-    """Lower and build `qdq_model` for `target`; write model.so and manifest.json into
-    `out_dir` (which must exist). Returns the manifest."""
+    """Lower and build `qdq_model` for `target`; write model.so, params.bin and manifest.json
+    into `out_dir` (which must exist). `input_shapes` pins input dims (else symbolic dims stay
+    symbolic); `report` (the compile report) names the quantized layers. Returns the manifest."""
     out = Path(out_dir)
     if any(not n.name for n in qdq_model.graph.node):  # layers are told apart by node name
         named = onnx.ModelProto()
@@ -127,11 +169,13 @@ def export_artifact(
         qdq_model = named
     t0 = time.perf_counter()
     mod, lowering = from_onnx(qdq_model, target, input_shapes)
+    mod, params = _lift_constants(mod)
     t1 = time.perf_counter()
     with _nvcc_fatbin(target):
         ex = tvm.compile(mod, target=target)
     t2 = time.perf_counter()
     ex.export_library(str(out / LIBRARY))
+    tvm.runtime.save_param_dict_to_file(params, str(out / PARAMS))
     t3 = time.perf_counter()
     layers = _layer_records(qdq_model, lowering, report)
     inputs = [_value_info(v) for v in qdq_model.graph.input
@@ -143,8 +187,10 @@ def export_artifact(
     manifest = {
         "version": MANIFEST_VERSION,
         "library": LIBRARY,
-        "weights": {"stored_in": LIBRARY, "form": "low-bit constants of the Relax VM (packed int4 / int8 / fp8 + "
-                                                  "float32 scales)"},
+        "params": PARAMS,
+        "param_names": list(params),  # main's parameters after the inputs, in order
+        "params_bytes": (out / PARAMS).stat().st_size,
+        "params_by_dtype": _bytes_by_dtype(params),
         "target": str(target),
         "target_kind": target.kind.name,
         "device": "cuda" if target.kind.name == "cuda" else "cpu",
