@@ -26,6 +26,36 @@ class ArtifactError(ValueError):
     """The directory is not a loadable artifact, or the inputs do not fit it."""
 
 
+_CUDA_BINARIES: dict[str, bytes] = {}
+
+
+def _serve_cuda_binaries(path: Path, entries: list[dict]) -> None:
+    """TVM 0.27 compiles CUDA modules stored as source when they are loaded, through the global
+    `tvm_callback_cuda_compile` (NVRTC by default). Answer it with the artifact's nvcc-built
+    fatbins, matched by source hash; unknown sources go to the previous callback."""
+    import hashlib
+
+    import tvm_ffi
+
+    for e in entries:
+        _CUDA_BINARIES[e["source_sha256"]] = (path / e["file"]).read_bytes()
+    name = "tvm_callback_cuda_compile"
+    previous = tvm_ffi.get_global_func(name, allow_missing=True)
+    if getattr(previous, "_lpcompile", False):
+        return
+
+    def serve(code, *rest):
+        binary = _CUDA_BINARIES.get(hashlib.sha256(str(code).encode()).hexdigest())
+        if binary is not None:
+            return binary
+        if previous is None:
+            raise ArtifactError("a CUDA module without a prebuilt binary and no CUDA compiler callback")
+        return previous(code, *rest)
+
+    serve._lpcompile = True
+    tvm_ffi.register_global_func(name, serve, override=True)
+
+
 class TvmModel:
     """A compiled model: `model(*arrays)` / `model(name=array, ...)` / `model.run(feeds)`."""
 
@@ -47,6 +77,8 @@ class TvmModel:
         if kind == "cuda" and not self.device.exist:
             raise ArtifactError(f"{self.path}: compiled for CUDA but no CUDA device is available")
         self._tvm = tvm
+        if self.is_cuda:
+            _serve_cuda_binaries(self.path, self.manifest.get("cuda_binaries") or [])
         self._vm = VirtualMachine(tvm.runtime.load_module(str(lib)), self.device)
         self._main = self._vm["main"]
         params = self.path / self.manifest.get("params", "params.bin")

@@ -10,13 +10,12 @@ quantized weight is only there when a consumer other than a low-bit kernel needs
 manifest names every such layer ("float fallback" / "emulated") with the reason.
 
 For CUDA the kernels are compiled at build time by nvcc into a fatbin for the target's arch
-(TVM's `tvm_callback_cuda_compile` is overridden for the duration of the build), so loading the
-library needs neither NVRTC nor nvcc.
+(`cuda0.fatbin`, ...; see `_cuda_binaries` for why it is next to the library, not inside it).
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
 import os
 import time
@@ -46,32 +45,35 @@ def _value_info(v: onnx.ValueInfoProto) -> dict:
     return {"name": v.name, "dtype": _ONNX_DTYPES.get(t.elem_type, str(t.elem_type)), "shape": dims}
 
 
-@contextlib.contextmanager
-def _nvcc_fatbin(target: tvm.target.Target):
-    """While building for CUDA: compile the generated source with nvcc to a fatbin for the
-    target's arch (precise division, as the kernel tests use), instead of NVRTC."""
-    if target.kind.name != "cuda":
-        yield
-        return
-    import tvm_ffi
+def _cuda_modules(mod) -> list:
+    found = [mod] if mod.kind == "cuda" else []
+    for m in mod.imports:
+        found += _cuda_modules(m)
+    return found
+
+
+def _cuda_binaries(ex, target: tvm.target.Target, out: Path) -> list[dict]:
+    """Compile every CUDA module's source with nvcc into a fatbin for the target's arch, next
+    to the library. TVM 0.27 keeps CUDA kernels as source in the exported library and compiles
+    them when the library is loaded (its `tvm_callback_cuda_compile`, NVRTC by default); the
+    runtime answers that callback with these prebuilt binaries instead (by source hash), so
+    loading needs neither NVRTC nor nvcc."""
     from tvm.support import nvcc
 
     from lpcompile.backends.tvm.kernels import CUDA_PRECISE_MATH
 
     arch = str(target.attrs["arch"])
-    name = "tvm_callback_cuda_compile"
-    previous = tvm_ffi.get_global_func(name, allow_missing=True)
-
-    def compile_with_nvcc(code, *_):
-        return bytes(nvcc.compile_cuda(code, target_format="fatbin", arch=arch, options=CUDA_PRECISE_MATH,
-                                       compiler="nvcc"))
-
-    tvm_ffi.register_global_func(name, compile_with_nvcc, override=True)
-    try:
-        yield
-    finally:
-        if previous is not None:
-            tvm_ffi.register_global_func(name, previous, override=True)
+    binaries = []
+    for i, m in enumerate(_cuda_modules(ex.mod)):
+        source = m.inspect_source()
+        with target:
+            binary = bytes(nvcc.compile_cuda(source, target_format="fatbin", arch=arch, options=CUDA_PRECISE_MATH,
+                                             compiler="nvcc"))
+        name = f"cuda{i}.fatbin"
+        (out / name).write_bytes(binary)
+        binaries.append({"file": name, "arch": arch, "source_sha256": hashlib.sha256(source.encode()).hexdigest(),
+                         "bytes": len(binary)})
+    return binaries
 
 
 def _lift_constants(mod: tvm.IRModule) -> tuple[tvm.IRModule, dict[str, tvm.runtime.Tensor]]:
@@ -171,8 +173,8 @@ def export_artifact(
     mod, lowering = from_onnx(qdq_model, target, input_shapes)
     mod, params = _lift_constants(mod)
     t1 = time.perf_counter()
-    with _nvcc_fatbin(target):
-        ex = tvm.compile(mod, target=target)
+    ex = tvm.compile(mod, target=target)
+    cuda = _cuda_binaries(ex, target, out) if target.kind.name == "cuda" else None
     t2 = time.perf_counter()
     ex.export_library(str(out / LIBRARY))
     tvm.runtime.save_param_dict_to_file(params, str(out / PARAMS))
@@ -194,7 +196,7 @@ def export_artifact(
         "target": str(target),
         "target_kind": target.kind.name,
         "device": "cuda" if target.kind.name == "cuda" else "cpu",
-        "cuda_binary": "fatbin (nvcc, built at compile time)" if target.kind.name == "cuda" else None,
+        "cuda_binaries": cuda,  # nvcc fatbins served to TVM's load-time CUDA compile callback
         "tvm_version": tvm.__version__,
         "inputs": inputs,
         "outputs": [_value_info(v) for v in qdq_model.graph.output],
