@@ -24,6 +24,7 @@ from lpcompile.ir.run import OrtRunner
 from lpcompile.passes.calibrate import CALIBRATION_KEY, Calibrate
 from lpcompile.passes.cleanup import Cleanup
 from lpcompile.passes.quantize import Quantize
+from lpcompile.passes.rotate import REPORT_KEY as ROTATE_KEY, Rotate
 from lpcompile.recipes import Recipe, get_recipe
 from lpcompile.report import build_report, dumps, to_markdown
 
@@ -31,6 +32,7 @@ __all__ = ["capture", "compile", "CompiledModel", "TARGETS", "EMITS"]
 
 TARGETS = ("llvm", "cuda")
 EMITS = ("onnx",)
+ROTATE_MODES = ("auto", "online", "fold", "off")
 
 Progress = Callable[[str, int, int], None]
 
@@ -96,17 +98,22 @@ def compile(
     emit: Sequence[str] = ("onnx",),
     batch_size: int = 8,
     progress: Progress | None = None,
+    rotate: str | None = None,
 ) -> CompiledModel:
     """Quantize `model` (path, ModelProto, IR model or torch module) with the recipe `format`
     for `target`. `calibration`: see `lpcompile.calibration_data`; recipes with static
     activation scales need it; GPTQ uses it (else MSE rounding); it also measures the report's
-    errors. For torch modules: `example_inputs` and `dynamic` as in `capture`."""
+    errors. For torch modules: `example_inputs` and `dynamic` as in `capture`. `rotate`:
+    "auto" | "online" | "fold" | "off" (None: the recipe's default, see `Recipe.default_rotate`)."""
     if target not in TARGETS:
         raise TargetError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
     unknown = [e for e in emit if e not in EMITS]
     if unknown:
         raise TargetError(f"cannot emit {', '.join(unknown)} yet; available: {', '.join(EMITS)}")
     recipe = get_recipe(format)
+    rotate = rotate or recipe.default_rotate
+    if rotate not in ROTATE_MODES:
+        raise LpcompileError(f"unknown rotate mode {rotate!r}; choose one of: {', '.join(ROTATE_MODES)}")
     stages: dict[str, float] = {}
     done: list[str] = []
 
@@ -125,6 +132,12 @@ def compile(
     if data is None and recipe.needs_calibration:
         raise LpcompileError(f"format {format!r} needs calibration data (--calibration FILE.npz|DIR|random:N)")
     qdq = ir.from_proto(ir.to_proto(float_model))  # a deep copy: the float model stays the reference
+    if rotate != "off":
+        with stage("rotate"):  # before calibration: the statistics must be of rotated activations
+            Rotate(mode=rotate)(qdq)
+    # Per-layer errors compare each layer with its float self in the same basis: a folded rotation
+    # changes what intermediate tensors hold (exactly, up to fp rounding), never the outputs.
+    reference = ir.from_proto(ir.to_proto(qdq)) if rotate != "off" else float_model
     if data is not None:
         with stage("calibrate"):
             gram_for = None if recipe.method == "gptq" else frozenset()
@@ -139,13 +152,21 @@ def compile(
     }
     with stage("measure"):
         batches = data.batches(batch_size) if data is not None else []
-        report = build_report(float_model, qdq, batches, format=format, target=target, calibration=cal_info,
+        report = build_report(reference, qdq, batches, format=format, target=target, calibration=cal_info,
                               stages=stages, excluded=list(exclude))
     report["recipe"] = {"weights": str(recipe.weights), "activations": str(recipe.activations) if recipe.activations else None,
                         "embeddings": str(recipe.embeddings) if recipe.embeddings else None, "method": recipe.method,
                         "description": recipe.description}
     report["stages_seconds"] = {k: round(v, 3) for k, v in stages.items()}
+    report["rotate"] = {"mode": rotate, **_rotation_summary(qdq.meta.get(ROTATE_KEY))}
     return CompiledModel(qdq, report, recipe, target, tuple(emit))
+
+
+def _rotation_summary(meta) -> dict:
+    """What the rotate pass did, JSON-ready (its own report, with numpy values made plain)."""
+    if not meta:
+        return {}
+    return json.loads(json.dumps(meta, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
 def _step(progress: Progress | None, name: str):

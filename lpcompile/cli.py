@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="keep layers matching PATTERN (fnmatch on layer names; :first / :last for the first/last "
                         "linear layer) in float; repeatable")
+    p.add_argument("--rotate", choices=["auto", "online", "fold", "off"], default=None,
+                   help="Hadamard rotations against activation outliers (default: auto for recipes with "
+                        "<= 8-bit activations or 4-bit weights, else off)")
     p.add_argument("--emit", default="onnx", help=f"comma-separated outputs ({', '.join(EMITS)})")
     p.add_argument("--batch-size", type=int, default=8, help="samples per onnxruntime run during calibration")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -95,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             emit=emit,
             batch_size=args.batch_size,
             progress=progress,
+            rotate=args.rotate,
         )
         result.save(out)
     except LpcompileError as e:

@@ -174,6 +174,7 @@ def to_markdown(report: dict) -> str:
         f"- weights: {_mb(t['weight_bytes'])} vs {_mb(t['weight_bytes_fp32'])} in fp32 ({ratio:.3f}×)",
         f"- output vs float: SQNR {_fmt(t['output_sqnr_db'])} dB, cosine {_fmt(t['output_cosine'], 5)}"
         f" (min {_fmt(t['output_cosine_min'], 5)})",
+        _rotation_line(report.get("rotate")),
         "- stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["stages_seconds"].items()),
         "",
         "| layer | op | weights | activations | bytes (fp32 → q) | SQNR dB |",
@@ -185,6 +186,14 @@ def to_markdown(report: dict) -> str:
             f"{l['weight_bytes_fp32']:,} → {l['weight_bytes']:,} | {_fmt(l['sqnr_db'])} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _rotation_line(rot: dict | None) -> str:
+    if not rot or rot.get("mode") == "off":
+        return "- rotation: off"
+    counters = rot.get("counters") or {}
+    done = ", ".join(f"{k} {v}" for k, v in counters.items()) or "nothing rotated"
+    return f"- rotation ({rot['mode']}): {done} (details: report.json `rotate`)"
 
 
 def _fmt(x, digits: int = 2) -> str:

@@ -1,7 +1,8 @@
 """The real pretrained all-MiniLM-L6-v2, every recipe, in onnxruntime: sentence embeddings of
 held-out sentences (different from the calibration sentences) against the float model.
 
-Floors are the issue's (W8A16 >= 0.999, W8A8 >= 0.99, W4A16 >= 0.98) except FP8: E4M3 weights and
+Floors are the issues' (W8A16 >= 0.999, W8A8 >= 0.99, with rotation >= 0.998, W4A16 >= 0.98,
+W4A4 with rotation >= 0.90) except FP8: E4M3 weights and
 activations measure 0.9983 here, below the issue's 0.999, so the floor is set under what is
 measured (a regression still fails) and the gap is stated in the issue note."""
 
@@ -14,7 +15,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-FLOORS = {"w8a16": 0.999, "int8": 0.99, "int4": 0.98, "fp8": 0.998, "w4a8": 0.975, "fp8-e5m2": 0.985}
+# int8 and w4a4 run with the default rotation (auto): the floors of the rotation issue apply.
+FLOORS = {"w8a16": 0.999, "int8": 0.998, "int4": 0.98, "fp8": 0.998, "w4a8": 0.98, "w4a4": 0.90, "fp8-e5m2": 0.985}
 
 
 @pytest.fixture(scope="module")
@@ -45,5 +47,7 @@ def test_minilm_recipe_meets_its_floor_on_held_out_sentences(minilm, fmt):
           f"weights {report['totals']['weight_bytes'] / report['totals']['weight_bytes_fp32']:.3f}x, {seconds:.1f}s")
     assert cos >= FLOORS[fmt]
     assert report["totals"]["layers_quantized"] == 39  # 36 linear layers + 3 embedding tables
+    if fmt in ("int8", "w4a4", "int4", "w4a8"):
+        assert report["rotate"]["mode"] == "auto"
     if fmt in ("int4", "w4a8"):
         assert report["totals"]["weight_bytes"] < 0.15 * report["totals"]["weight_bytes_fp32"]

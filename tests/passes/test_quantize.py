@@ -17,7 +17,7 @@ from lpcompile.recipes import RECIPES
 from tests.conftest import mlp_model, ort_run, sqnr_db
 
 # Measured on this 3-layer random MLP (seeded), floors a few dB below: a drop is a regression.
-SQNR_FLOOR_DB = {"int4": 11.0, "w8a16": 35.0, "int8": 29.0, "w4a8": 11.0, "fp8": 21.0, "fp8-e5m2": 15.0}
+SQNR_FLOOR_DB = {"int4": 11.0, "w8a16": 35.0, "int8": 29.0, "w4a8": 11.0, "w4a4": 6.0, "fp8": 21.0, "fp8-e5m2": 15.0}
 
 
 def _calib(n=4, seed=0):
@@ -42,7 +42,7 @@ def test_every_recipe_runs_in_onnxruntime_within_its_floor(fmt, held_out):
     ops = [n.op_type for n in art.qdq_model.graph]
     assert ops.count("DequantizeLinear") >= 3
     if recipe.activations is not None and recipe.activations.dynamic:
-        assert sum(n.domain == "ai.lpcompile" for n in art.qdq_model.graph) == 3
+        assert sum(n.op_type.startswith("PerTokenQDQ") for n in art.qdq_model.graph) == 3
     elif recipe.activations is not None:
         assert ops.count("QuantizeLinear") == 3
 
@@ -61,7 +61,7 @@ def _dequantized_weights(model: ir.Model) -> dict[str, tuple[np.ndarray, np.ndar
 def test_dequantized_weights_lie_on_the_format_grid(fmt):
     float_model = mlp_model()
     weights = {v.name: v.const_value.numpy() for v in float_model.graph.initializers.values()}
-    art = lpcompile.compile(float_model, format=fmt, calibration=_calib())
+    art = lpcompile.compile(float_model, format=fmt, calibration=_calib(), rotate="off")
     spec = RECIPES[fmt].weights
     for name, (dq, scale, node) in _dequantized_weights(art.qdq_model).items():
         w = weights[name.removesuffix("_dq")]
