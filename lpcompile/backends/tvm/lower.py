@@ -398,7 +398,24 @@ def _lower_linear(ctx: _Context, a: relax.Expr, b: relax.Expr, *, transposed: bo
     return y2 if len(shape) == 2 else relax.op.reshape(y2, [*shape[:-1], n])
 
 
+class Reshape(ox.Reshape):
+    """TVM's Reshape, but a tensor whose rank is known and shape is not (e.g. behind a broadcast
+    with an attention mask built by GatherND) first gets symbolic dims through a match_cast,
+    so a `-1` in the new shape can be inferred."""
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        data = inputs[0]
+        ty = getattr(data, "ty", None)
+        if isinstance(ty, relax.TensorType) and ty.shape is None and ty.ndim > 0:
+            dims = [tirx.Var(f"reshape_d{i}", "int64") for i in range(ty.ndim)]
+            data = bb.match_cast(data, relax.TensorType(dims, ty.dtype))
+            inputs = [data, *inputs[1:]]
+        return super()._impl_v13(bb, inputs, attr, params)
+
+
 CONVERTERS: dict[str, type] = {
+    "Reshape": Reshape,
     "DequantizeLinear": DequantizeLinear,
     "QuantizeLinear": QuantizeLinear,
     "PerTokenQDQ_int8": PerTokenQDQ_int8,
@@ -408,8 +425,57 @@ CONVERTERS: dict[str, type] = {
 }
 
 
+class _ShapedNodes(dict):
+    """The importer's value table. A tensor some converter left without a shape, or with symbolic
+    dims unrelated to the graph inputs' (TVM gives a Range its own length variable), gets the
+    shape ONNX shape inference recorded for it (value_info) in the inputs' symbolic dims,
+    through a match_cast (checked at run time); later ops (broadcasts with other tensors,
+    reshapes with -1) then legalize."""
+
+    def __init__(self, base: dict, bb: relax.BlockBuilder, value_info: dict, dims: dict):
+        super().__init__(base)
+        self.bb, self.value_info, self.dims = bb, value_info, dims
+
+    def __setitem__(self, key, value):
+        ty = getattr(value, "ty", None)
+        vi = self.value_info.get(key)
+        if vi is not None and isinstance(ty, relax.TensorType) and self._unknown(ty):
+            dims = vi.type.tensor_type.shape.dim
+            if ty.ndim in (-1, len(dims)) and all(d.HasField("dim_value") or d.dim_param in self.dims for d in dims):
+                shape = [int(d.dim_value) if d.HasField("dim_value") else self.dims[d.dim_param] for d in dims]
+                if not isinstance(value, relax.Var):
+                    value = self.bb.emit(value)
+                value = self.bb.match_cast(value, relax.TensorType(shape, ty.dtype))
+        super().__setitem__(key, value)
+
+    def _unknown(self, ty: relax.TensorType) -> bool:
+        """No shape, or dims that are symbolic but none of the graph inputs' (e.g. a Range's
+        length): broadcasting cannot tell them equal to the inputs' dims."""
+        if ty.shape is None:
+            return True
+        values = getattr(ty.shape, "values", None)
+        if values is None:
+            return False
+        known = {id(v) for v in self.dims.values()}
+        return any(isinstance(v, tirx.Var) and not any(v.same_as(k) for k in self.dims.values()) for v in values) and bool(known)
+
+
 class QdqImporter(ox.ONNXGraphImporter):
     """TVM's ONNX graph importer with lpcompile's converters in front of its own."""
+
+    def _construct_nodes(self, graph):
+        dims = {}
+        for inp in graph.input:  # the symbolic dims TVM made for the inputs, by name
+            var = self._nodes.get(inp.name)
+            shape = getattr(getattr(var, "ty", None), "shape", None)
+            if shape is None or not hasattr(shape, "values"):
+                continue
+            for d, v in zip(inp.type.tensor_type.shape.dim, shape.values):
+                if d.dim_param and isinstance(v, tirx.Var):
+                    dims.setdefault(d.dim_param, v)
+        value_info = {v.name: v for v in graph.value_info if v.type.tensor_type.HasField("shape")}
+        self._nodes = _ShapedNodes(self._nodes, self.bb, value_info, dims)
+        super()._construct_nodes(graph)
 
     def _parse_graph_initializers(self, graph):
         low_bit = [t for t in graph.initializer if t.data_type in _ML_DTYPES]
