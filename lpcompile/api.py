@@ -31,7 +31,7 @@ from lpcompile.report import build_report, dumps, to_markdown
 __all__ = ["capture", "compile", "CompiledModel", "TARGETS", "EMITS"]
 
 TARGETS = ("llvm", "cuda")
-EMITS = ("onnx",)
+EMITS = ("onnx", "tvm")
 ROTATE_MODES = ("auto", "online", "fold", "off")
 
 Progress = Callable[[str, int, int], None]
@@ -58,8 +58,9 @@ class CompiledModel:
     __call__ = run
 
     def save(self, out_dir: str | os.PathLike) -> Path:
-        """Write `model.qdq.onnx`, `report.json` and `report.md` into `out_dir`, atomically:
-        everything goes to a sibling temporary directory that replaces `out_dir` only when complete."""
+        """Write `model.qdq.onnx`, `report.json` and `report.md` into `out_dir` (with emit "tvm"
+        also the TVM artifact: model.so, params.bin, manifest.json), atomically: everything goes
+        to a sibling temporary directory that replaces `out_dir` only when complete."""
         out = Path(out_dir)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -67,6 +68,8 @@ class CompiledModel:
             if "onnx" in self.emit:
                 save_model(self.qdq_model, tmp / "model.qdq.onnx")
             report = dict(self.report)
+            if "tvm" in self.emit:
+                report = self._export_tvm(tmp, report)
             report["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
             (tmp / "report.json").write_text(dumps(report))
             (tmp / "report.md").write_text(to_markdown(report))
@@ -75,6 +78,26 @@ class CompiledModel:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return out
+
+
+    def _export_tvm(self, out: Path, report: dict) -> dict:
+        """The TVM artifact into `out`; the report gains its stage time and what did not lower."""
+        from lpcompile.backends.tvm.export import export_artifact
+        from lpcompile.backends.tvm.target import cuda_target, host_target
+
+        target = host_target() if self.target == "llvm" else cuda_target()
+        start = time.perf_counter()
+        try:
+            manifest = export_artifact(ir.to_proto(self.qdq_model), target, out, report=self.report)
+        except LpcompileError:
+            raise
+        except Exception as e:  # TVM's own errors: one line, the stage named
+            msg = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+            raise TargetError(f"tvm build failed: {type(e).__name__}: {msg}") from e
+        stages = {**report.get("stages_seconds", {}), "tvm build": round(time.perf_counter() - start, 3)}
+        tvm = {"target": manifest["target"], "fallbacks": manifest["fallbacks"],
+               "library_bytes": manifest["library_bytes"], "params_bytes": manifest["params_bytes"]}
+        return {**report, "stages_seconds": stages, "tvm": tvm}
 
 
 def _replace_dir(new: Path, dest: Path) -> None:

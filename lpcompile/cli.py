@@ -1,6 +1,9 @@
 """`lpcompile MODEL --target T --format F [-o OUT_DIR] [--calibration SRC] [--exclude PATTERN]...`
 
-Writes OUT_DIR (default `<model-stem>.lpc/`) atomically: model.qdq.onnx, report.json, report.md.
+Writes OUT_DIR (default `<model-stem>.lpc/`) atomically: model.qdq.onnx, report.json, report.md
+(with --emit onnx,tvm also model.so, params.bin, manifest.json).
+`lpcompile run OUT_DIR --inputs x.npz [-o out.npz]` / `lpcompile bench OUT_DIR [--batch N] [--seq L]`
+run such an artifact (lpcompile.runtime.cli; the compiler is not imported).
 Bad input exits with status 2 and one line on stderr; nothing is left behind.
 """
 
@@ -78,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("run", "bench"):  # artifacts: no compiler imported
+        from lpcompile.runtime.cli import main as runtime_main
+
+        return runtime_main(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     progress = _Progress(quiet=args.quiet)
