@@ -204,3 +204,51 @@ def test_online_hadamard_lowers_and_matches_ort():
     assert report.fired["Hadamard"] >= 1
     x = np.random.default_rng(0).standard_normal((2, 4, 256)).astype(np.float32)
     assert_close(run_vm(ex, x), ort_run(proto, {"x": x})[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "dtype,axis,block,asym",
+    [
+        (ml_dtypes.uint4, 1, 32, True),  # lpcompile's embedding recipe: uint4 asym, blocks of 32 along D
+        (ml_dtypes.int4, 1, 32, False),
+        (np.int8, 0, None, False),  # one scale per row
+        (np.uint8, 1, None, True),  # one scale per column
+        (ml_dtypes.int4, None, None, False),  # one scale for the table
+    ],
+)
+def test_quantized_embedding_gather_stays_low_bit_and_matches_ort(dtype, axis, block, asym):
+    rng = np.random.default_rng(0)
+    v, d = 50, 64
+    info = ml_dtypes.iinfo(dtype)
+    q = rng.integers(info.min, info.max + 1, (v, d)).astype(dtype)
+    if axis is None:
+        sshape = ()
+    elif block:
+        sshape = (v, d // block)
+    else:
+        sshape = (v,) if axis == 0 else (d,)
+    scale = rng.uniform(0.01, 0.1, sshape).astype(np.float32)
+    inits = [numpy_helper.from_array(q, "tq"), numpy_helper.from_array(scale, "ts")]
+    dq_inputs = ["tq", "ts"]
+    if asym:
+        inits.append(numpy_helper.from_array(rng.integers(info.min, info.max + 1, sshape).astype(dtype), "tz"))
+        dq_inputs.append("tz")
+    attrs = {} if axis is None else {"axis": axis, **({"block_size": block} if block else {})}
+    nodes = [helper.make_node("DequantizeLinear", dq_inputs, ["table"], **attrs),
+             helper.make_node("Gather", ["table", "ids"], ["y"], axis=0)]
+    graph = helper.make_graph(nodes, "emb", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "S"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", d])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    onnx.checker.check_model(model)
+    ex, report = compile_model(model, TARGET)
+    assert report.fired[f"Gather[{np.dtype(dtype).name}]"] == 1, report
+    ids = rng.integers(-v, v, (3, 7)).astype(np.int64)  # negative indices count from the end
+    np.testing.assert_array_equal(run_vm(ex, ids), ort_run(model, {"ids": ids})[0])
+    from lpcompile.backends.tvm.export import _lift_constants
+    from lpcompile.backends.tvm.lower import from_onnx
+
+    _, params = _lift_constants(from_onnx(model, TARGET)[0])  # the table as stored: its codes, low-bit
+    codes = [p.numpy() for p in params.values() if str(p.dtype) != "float32"]
+    bits = 4 if dtype in (ml_dtypes.int4, ml_dtypes.uint4) else 8
+    assert max(c.nbytes for c in codes) == v * d * bits // 8
+    assert all(p.numpy().size < v * d for p in params.values() if str(p.dtype) == "float32")
