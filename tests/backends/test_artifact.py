@@ -204,14 +204,25 @@ def test_minilm_tvm_matches_ort(tmp_path_factory, fmt):
     model = runtime.load(out)
     qdq = onnx.load(out / "model.qdq.onnx")
     with np.load(d / "minilm.eval.npz") as ev:
-        feeds = {k: ev[k][:4] for k in ev.files if k in model.input_names}
+        feeds = {k: ev[k][:16] for k in ev.files if k in model.input_names}
     got = model.run(feeds)
     ref = ort_run(qdq, feeds)
     errs = {n: float(np.abs(got[n] - r).max()) for n, r in zip(model.output_names, ref)}
+    cos = {}
+    for n, r in zip(model.output_names, ref):
+        g = got[n].reshape(len(r), -1).astype(np.float64)
+        r64 = r.reshape(len(r), -1).astype(np.float64)
+        cos[n] = float(((g * r64).sum(1) / np.linalg.norm(g, axis=1) / np.linalg.norm(r64, axis=1)).min())
     print(f"\nminilm {fmt}: compile {seconds:.1f}s (stages {report['stages_seconds']}), "
           f"model.so {manifest['library_bytes']} B, params.bin {manifest['params_bytes']} B, max |tvm - ort| {errs}, "
-          f"fallbacks {len(manifest['fallbacks'])}")
+          f"min cosine {cos}, fallbacks {len(manifest['fallbacks'])}")
     for n, r in zip(model.output_names, ref):
-        scale = max(float(np.abs(r).max()), 1.0)
-        assert errs[n] <= 1e-3 * scale, (n, errs[n], scale)
-    assert all(l["status"] != "float fallback" or l["op"] == "Gather" for l in manifest["layers"]), manifest["fallbacks"]
+        if fmt == "int4":  # float activations: fp32 summation order only
+            assert errs[n] <= 1e-5 * float(np.abs(r).max()) + 1e-6, (n, errs[n])
+        else:  # 24 static activation quantizers: a value within fp32 noise of a rounding boundary
+            # may round the other way and the difference cascades through later layers
+            assert cos[n] >= 0.999, (n, cos[n], errs[n])
+    assert not [l for l in manifest["layers"] if l["status"] == "float fallback"], manifest["fallbacks"]
+    fp32 = report["totals"]["model_float_bytes"]
+    size = manifest["library_bytes"] + manifest["params_bytes"]
+    assert size < (0.2 if fmt == "int4" else 0.3) * fp32, (size, fp32)

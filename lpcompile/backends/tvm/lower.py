@@ -198,8 +198,8 @@ class DequantizeLinear(ox.DequantizeLinear):
             q2, dtype, shape = ctx.pending_q[x]  # the activation as this DQ scales it
             s1 = relax.const(cs[1].astype(np.float32).reshape(1))
             z1 = None
-            if dtype == "int8":
-                z1 = relax.const((cz[1] if cz is not None else np.zeros(1)).astype(np.int8).reshape(1))
+            if dtype in ("int8", "uint8"):
+                z1 = relax.const((cz[1] if cz is not None else np.zeros(1)).astype(dtype).reshape(1))
             elif cz is not None and float(cz[1].astype(np.float32).reshape(())) != 0:
                 raise ModelError("DequantizeLinear: float8 zero points must be 0")
             act = QuantizedActivation(q=q2, dtype=dtype, scale=s1, zero_point=z1, kind="tensor", shape=shape)
@@ -232,7 +232,7 @@ class QuantizeLinear(ox.QuantizeLinear):
             ctx.report.refuse("QuantizeLinear", "needs a constant scalar scale and zero point")
             return stock(bb, inputs, attr, params)
         dtype = cz[0]
-        if dtype not in ("int8", *FLOAT8) or (dtype in FLOAT8 and float(cz[1].astype(np.float32).reshape(())) != 0):
+        if dtype not in ("int8", "uint8", *FLOAT8) or (dtype in FLOAT8 and float(cz[1].astype(np.float32).reshape(())) != 0):
             ctx.report.refuse("QuantizeLinear", f"no kernel for {dtype} (float8 zero points must be 0)")
             return stock(bb, inputs, attr, params)
         x2, m, shape = _flatten_rows(bb, x)
@@ -240,8 +240,8 @@ class QuantizeLinear(ox.QuantizeLinear):
         s1 = relax.const(cs[1].astype(np.float32).reshape(1))
         args = [x2, s1]
         zp1 = None
-        if dtype == "int8":
-            zp1 = relax.const(cz[1].astype(np.int8).reshape(1))
+        if dtype in ("int8", "uint8"):  # uint8: ONNX rounding (half to even); no uint8 matmul kernel
+            zp1 = relax.const(cz[1].astype(dtype).reshape(1))
             args.append(zp1)
         gv = ctx.kernel(("quantize", dtype, k), lambda: K.quantize_tensor(None, k, dtype))
         q2 = bb.emit(relax.call_tir(gv, args, relax.TensorType([m, k], dtype)))
