@@ -453,7 +453,8 @@ def _gather_rows(bb: relax.BlockBuilder, w: QuantizedWeight, indices: relax.Expr
     idx_dtype = str(indices.ty.dtype)
     indices = bb.emit(op.where(op.less(indices, relax.const(0, idx_dtype)),
                                op.add(indices, relax.const(v, idx_dtype)), indices))
-    rows = bb.emit(op.take(codes, indices, axis=0))  # [..., D or D/2]
+    # mode clip: an out-of-range id reads an edge row instead of reading out of bounds
+    rows = bb.emit(op.take(codes, indices, axis=0, mode="clip"))  # [..., D or D/2]
     lead = _shape(rows)[:-1]
     if four:
         lo = op.bitwise_and(rows, relax.const(np.uint8(15)))
@@ -475,15 +476,15 @@ def _gather_rows(bb: relax.BlockBuilder, w: QuantizedWeight, indices: relax.Expr
         z = None if zp is None else relax.const(zp.astype(np.float32).reshape(d))
         return bb.emit(op.multiply(op.subtract(q, z) if z is not None else q, s))
     if not w.block_size:  # one scale per row: gathered with the rows
-        s = bb.emit(op.expand_dims(op.take(relax.const(scale.reshape(v)), indices, axis=0), [-1]))
-        z = None if zp is None else bb.emit(op.expand_dims(op.astype(op.take(relax.const(zp.reshape(v)), indices, axis=0), "float32"), [-1]))
+        s = bb.emit(op.expand_dims(op.take(relax.const(scale.reshape(v)), indices, axis=0, mode="clip"), [-1]))
+        z = None if zp is None else bb.emit(op.expand_dims(op.astype(op.take(relax.const(zp.reshape(v)), indices, axis=0, mode="clip"), "float32"), [-1]))
         return bb.emit(op.multiply(op.subtract(q, z) if z is not None else q, s))
     b = w.block_size  # blocks along the row: [V, D/B] scales gathered with the rows
     nb = d // b
-    s = bb.emit(op.expand_dims(op.take(relax.const(scale.reshape(v, nb)), indices, axis=0), [-1]))
+    s = bb.emit(op.expand_dims(op.take(relax.const(scale.reshape(v, nb)), indices, axis=0, mode="clip"), [-1]))
     q = bb.emit(op.reshape(q, [*lead, nb, b]))
     if zp is not None:
-        z = bb.emit(op.expand_dims(op.astype(op.take(relax.const(zp.reshape(v, nb)), indices, axis=0), "float32"), [-1]))
+        z = bb.emit(op.expand_dims(op.astype(op.take(relax.const(zp.reshape(v, nb)), indices, axis=0, mode="clip"), "float32"), [-1]))
         q = bb.emit(op.subtract(q, z))
     return bb.emit(op.reshape(op.multiply(q, s), [*lead, d]))
 
