@@ -6,6 +6,7 @@ import the compiler."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -226,3 +227,21 @@ def test_minilm_tvm_matches_ort(tmp_path_factory, fmt):
     fp32 = report["totals"]["model_float_bytes"]
     size = manifest["library_bytes"] + manifest["params_bytes"]
     assert size < (0.2 if fmt == "int4" else 0.3) * fp32, (size, fp32)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_cuda_artifact_carries_nvcc_fatbins(tmp_path):
+    """For CUDA the kernels are compiled by nvcc when the artifact is built (a fatbin for the
+    arch, next to the library, served to TVM's load-time compile callback): loading needs no
+    NVRTC. No GPU here: only the build is checked."""
+    import onnx_ir as ir
+
+    from lpcompile.backends.tvm.export import export_artifact
+    from lpcompile.backends.tvm.target import cuda_target
+
+    compiled = lpcompile.compile(mlp_model(), format="int4", calibration=calibration(tmp_path))
+    m = export_artifact(ir.to_proto(compiled.qdq_model), cuda_target("sm_89"), tmp_path, report=compiled.report)
+    assert m["device"] == "cuda" and m["cuda_binaries"], m
+    for b in m["cuda_binaries"]:
+        data = (tmp_path / b["file"]).read_bytes()
+        assert b["arch"] == "sm_89" and data[:4] == b"\x50\xed\x55\xba" and len(data) == b["bytes"]  # fatbin magic
