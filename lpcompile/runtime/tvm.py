@@ -87,7 +87,7 @@ class TvmModel:
             raise ArtifactError(f"{self.path}: {params.name} is missing")
         loaded = tvm.runtime.load_param_dict_from_file(str(params)) if names else {}
         # loaded once onto the device; passed by reference on every call
-        self._params = [loaded[n] if not self.is_cuda else tvm.runtime.tensor(loaded[n].numpy(), self.device)
+        self._params = [loaded[n] if not self.is_cuda else loaded[n].copyto(self.device)
                         for n in names]
         self.input_names = [i["name"] for i in self.manifest["inputs"]]
         self.output_names = [o["name"] for o in self.manifest["outputs"]]
