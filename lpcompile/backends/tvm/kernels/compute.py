@@ -310,3 +310,13 @@ def _select(cond, t, f):
     # Select, not if_then_else: both sides are cheap and side-effect free, and TVM vectorizes
     # Select into a blend (a vector if_then_else condition fails to vectorize on LLVM).
     return tirx.Select(cond, t, f)
+
+
+def has_block(sch, name: str) -> bool:
+    """Whether a schedule of one of these computes has the block `name` (the blocks present
+    depend on the kernel's options: padded rows, accumulator-only)."""
+    try:
+        sch.get_sblock(name)
+    except Exception:  # TVM raises its own error type for a missing block
+        return False
+    return True

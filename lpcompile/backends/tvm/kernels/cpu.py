@@ -17,7 +17,7 @@ from tvm import tirx
 from tvm.s_tir import Schedule
 
 from lpcompile.backends.tvm.kernels import x86
-from lpcompile.backends.tvm.kernels.compute import KERNEL_ATTR
+from lpcompile.backends.tvm.kernels.compute import KERNEL_ATTR, has_block
 
 K_UNROLL = 4
 M_TILE = 4
@@ -45,7 +45,7 @@ def _gemv(func: tirx.PrimFunc) -> tirx.PrimFunc:
     sch = Schedule(func)
     sch.compute_inline(sch.get_sblock("decode"))
     acc = sch.get_sblock("acc")
-    y = sch.get_sblock("y") if _has_block(sch, "y") else None
+    y = sch.get_sblock("y") if has_block(sch, "y") else None
     if y is None:  # accumulator_only: acc is the output
         return _gemv_acc_only(sch, acc, per, lanes)
     y_local = sch.cache_write(y, 0, "local")
@@ -86,10 +86,10 @@ def _gemv_acc_only(sch: Schedule, acc, per: int, lanes: int) -> tirx.PrimFunc:
 def _gemm(func: tirx.PrimFunc) -> tirx.PrimFunc:
     sch = Schedule(func)
     decode, acc = sch.get_sblock("decode"), sch.get_sblock("acc")
-    if not _has_block(sch, "y"):
+    if not has_block(sch, "y"):
         return _gemm_acc_only(sch, decode, acc)
-    y = sch.get_sblock("y_rows") if _has_block(sch, "y_rows") else sch.get_sblock("y")
-    if _has_block(sch, "y_rows"):  # padded rows: copy the real ones out, in parallel
+    y = sch.get_sblock("y_rows") if has_block(sch, "y_rows") else sch.get_sblock("y")
+    if has_block(sch, "y_rows"):  # padded rows: copy the real ones out, in parallel
         out = sch.get_sblock("y")
         om, on = sch.get_loops(out)
         sch.parallel(om)
@@ -152,14 +152,6 @@ def schedule_quantize_rows(func: tirx.PrimFunc) -> tirx.PrimFunc:
     _, ki = sch.split(sch.get_loops(q)[-1], [None, 16])
     sch.vectorize(ki)
     return sch.mod["main"]
-
-
-def _has_block(sch: Schedule, name: str) -> bool:
-    try:
-        sch.get_sblock(name)
-    except Exception:  # TVM raises its own error type for a missing block
-        return False
-    return True
 
 
 SCHEDULES = {

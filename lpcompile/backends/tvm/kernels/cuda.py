@@ -15,7 +15,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.s_tir import Schedule
 
-from lpcompile.backends.tvm.kernels.compute import KERNEL_ATTR
+from lpcompile.backends.tvm.kernels.compute import KERNEL_ATTR, has_block
 
 THREADS = 128
 
@@ -24,14 +24,14 @@ def schedule_matmul(func: tirx.PrimFunc) -> tirx.PrimFunc:
     sch = Schedule(func)
     sch.compute_inline(sch.get_sblock("decode"))
     acc = sch.get_sblock("acc")
-    y = sch.get_sblock("y") if _has_block(sch, "y") else None  # accumulator_only kernels end with acc
+    y = sch.get_sblock("y") if has_block(sch, "y") else None  # accumulator_only kernels end with acc
     if y is None:
         m, b, n, kk = sch.get_loops(acc)
         bx, tx = sch.split(sch.fuse(m, b, n), [None, THREADS])
         sch.bind(bx, "blockIdx.x")
         sch.bind(tx, "threadIdx.x")
         return sch.mod["main"]
-    if _has_block(sch, "y_rows"):  # padded rows: a second kernel copies the real ones out
+    if has_block(sch, "y_rows"):  # padded rows: a second kernel copies the real ones out
         out = sch.get_sblock("y")
         bo, to = sch.split(sch.fuse(*sch.get_loops(out)), [None, THREADS])
         sch.bind(bo, "blockIdx.x")
@@ -74,14 +74,6 @@ def schedule_quantize_rows(func: tirx.PrimFunc) -> tirx.PrimFunc:
     _, qt = sch.split(sch.get_loops(q)[-1], [None, THREADS])
     sch.bind(qt, "threadIdx.x")
     return sch.mod["main"]
-
-
-def _has_block(sch: Schedule, name: str) -> bool:
-    try:
-        sch.get_sblock(name)
-    except Exception:  # TVM raises its own error type for a missing block
-        return False
-    return True
 
 
 SCHEDULES = {
