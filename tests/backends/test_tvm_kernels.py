@@ -38,6 +38,7 @@ RAGGED = (5, 200, 100)  # K not a multiple of the 128 block, N not a multiple of
 NP = {
     "int4": ml_dtypes.int4,
     "int8": np.int8,
+    "uint8": np.uint8,
     "float8_e4m3fn": ml_dtypes.float8_e4m3fn,
     "float8_e5m2": ml_dtypes.float8_e5m2,
 }
@@ -68,8 +69,8 @@ def q_tensor_kernel(k: int, dtype: str):
 
 
 @functools.cache
-def q_rows_kernel(k: int):
-    return build(quantize_rows(None, k), TARGET)["main"]
+def q_rows_kernel(k: int, codes: str = "int8"):
+    return build(quantize_rows(None, k, codes), TARGET)["main"]
 
 
 def rows(m: int) -> int | None:
@@ -96,7 +97,7 @@ def qdq_linear_model(
     """y = x' @ DQ(wq) (MatMul, W [K, N]) or Gemm(x', DQ(wq), transB=1) (W [N, K]).
 
     act: None (x' = x), ("static", dtype, scale, zero_point) for a Q -> DQ pair, or
-    "per_token" for the `ai.lpcompile.PerTokenQDQ_int8` function.
+    "per_token" / "per_token_int4" for the `ai.lpcompile.PerTokenQDQ_int8` / `_int4` functions.
     """
     k = wq.shape[1] if gemm else wq.shape[0]
     n = wq.shape[0] if gemm else wq.shape[1]
@@ -105,9 +106,10 @@ def qdq_linear_model(
     nodes = [helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"], **dq_attrs)]
     functions, opsets = [], [helper.make_opsetid("", 21)]
     xin = "x"
-    if act == "per_token":
-        nodes.append(helper.make_node("PerTokenQDQ_int8", ["x"], ["xd"], domain="ai.lpcompile"))
-        functions.append(per_token_function())
+    if act in ("per_token", "per_token_int4"):
+        codes = "int4" if act == "per_token_int4" else "int8"
+        nodes.append(helper.make_node(f"PerTokenQDQ_{codes}", ["x"], ["xd"], domain="ai.lpcompile"))
+        functions.append(per_token_function(codes))
         opsets.append(helper.make_opsetid("ai.lpcompile", 1))
         xin = "xd"
     elif act is not None:
@@ -134,30 +136,29 @@ def qdq_linear_model(
     return model
 
 
-def per_token_function() -> onnx.FunctionProto:
-    """Dynamic per-token int8 Q/DQ as the quantize pass writes it (a model-local function)."""
+def per_token_function(codes: str = "int8") -> onnx.FunctionProto:
+    """Dynamic per-token int8 / int4 Q/DQ as the quantize pass writes it (a model-local function;
+    the code type from output_dtype, no zero point)."""
 
     def const(name, array):
         return helper.make_node("Constant", [], [name], value=_tensor(name + "_v", array))
 
+    qmax, onnx_type = {"int8": (127.0, TensorProto.INT8), "int4": (7.0, TensorProto.INT4)}[codes]
     nodes = [
         helper.make_node("Shape", ["x"], ["shape"]),
         helper.make_node("Flatten", ["x"], ["rows"], axis=-1),
         helper.make_node("Abs", ["rows"], ["abs"]),
         const("axes", np.array([1], np.int64)),
         helper.make_node("ReduceMax", ["abs", "axes"], ["amax"], keepdims=0),
-        const("qmax", np.array(127.0, np.float32)),
+        const("qmax", np.array(qmax, np.float32)),
         helper.make_node("Div", ["amax", "qmax"], ["s0"]),
         const("tiny", np.array(2.0**-24, np.float32)),
         helper.make_node("Max", ["s0", "tiny"], ["scale"]),
-        const("zp", np.array(0, np.int8)),
-        helper.make_node("Shape", ["scale"], ["scale_shape"]),
-        helper.make_node("Expand", ["zp", "scale_shape"], ["zps"]),
-        helper.make_node("QuantizeLinear", ["rows", "scale", "zps"], ["q"], axis=0),
-        helper.make_node("DequantizeLinear", ["q", "scale", "zps"], ["dq"], axis=0),
+        helper.make_node("QuantizeLinear", ["rows", "scale"], ["q"], axis=0, output_dtype=onnx_type),
+        helper.make_node("DequantizeLinear", ["q", "scale"], ["dq"], axis=0),
         helper.make_node("Reshape", ["dq", "shape"], ["y"]),
     ]
-    return helper.make_function("ai.lpcompile", "PerTokenQDQ_int8", ["x"], ["y"], nodes, [helper.make_opsetid("", 21)])
+    return helper.make_function("ai.lpcompile", f"PerTokenQDQ_{codes}", ["x"], ["y"], nodes, [helper.make_opsetid("", 21)])
 
 
 def quantize_model(k: int, dtype: str, sx: float, zx, dequantize: bool = False) -> onnx.ModelProto:
@@ -285,30 +286,35 @@ def test_avx512_int4_gemv_is_the_compute_definition(k, n, block):
 # --- static int8 x int8 -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("act", ["int8", "uint8"])
 @pytest.mark.parametrize("zx", [0, 3])
 @pytest.mark.parametrize("m,k,n", SHAPES)
-def test_int8_static_matches_ort(m, k, n, zx):
+def test_int8_static_matches_ort(m, k, n, zx, act):
+    """W8A8 static: int8 (symmetric or with a zero point) or uint8 asymmetric activations (the
+    int8 recipe's) times per-channel int8 weights, accumulated exactly in int32."""
     seed = m * 1000 + k + n + zx
     x = activations(m, k, seed)
+    if act == "uint8":
+        zx += 128
     sx = float(np.abs(x).max() / 127)
     wq = weights("int8", (k, n), seed)
     ws, axis = weight_scales(k, n, None, False, seed)
     # the quantize kernel is QuantizeLinear bit for bit
-    xq_ref = ort_run(quantize_model(k, "int8", sx, zx), {"x": x})[0]
-    sx_a, zx_a = np.array([sx], np.float32), np.array([zx], np.int8)
-    xq = run(q_tensor_kernel(k, "int8"), x, sx_a, zx_a, out_shape=(m, k), out_dtype="int8")
+    xq_ref = ort_run(quantize_model(k, act, sx, zx), {"x": x})[0]
+    sx_a, zx_a = np.array([sx], np.float32), np.array([zx], act)
+    xq = run(q_tensor_kernel(k, act), x, sx_a, zx_a, out_shape=(m, k), out_dtype=act)
     np.testing.assert_array_equal(xq, xq_ref)
     # the int32 accumulator is exact
     w, s = kernel_weight(wq, ws, axis, None, False, "int8")
     acc = run(
-        kernel(None, k, n, weight="int8", activation="int8", accumulator_only=True),
+        kernel(None, k, n, weight="int8", activation=act, accumulator_only=True),
         xq, sx_a, zx_a, w, s, out_shape=(m, 1, n), out_dtype="int32",
     )
     exact = (xq.astype(np.int64) - zx) @ wq.astype(np.int64)
     np.testing.assert_array_equal(acc[:, 0, :], exact)
     # the fused dequantization matches the QDQ graph
-    ref = ort_run(qdq_linear_model(wq, ws, axis=axis, block_size=None, gemm=False, act=("static", "int8", sx, zx)), {"x": x})[0]
-    y = run(kernel(rows(m), k, n, weight="int8", activation="int8"), xq, sx_a, zx_a, w, s, out_shape=(m, n))
+    ref = ort_run(qdq_linear_model(wq, ws, axis=axis, block_size=None, gemm=False, act=("static", act, sx, zx)), {"x": x})[0]
+    y = run(kernel(rows(m), k, n, weight="int8", activation=act), xq, sx_a, zx_a, w, s, out_shape=(m, n))
     assert_close(y, ref)
 
 
@@ -334,43 +340,50 @@ def test_fp8_static_matches_ort(m, k, n, dtype):
     assert_close(y, ref)
 
 
-# --- W4A8: dynamic per-token int8 activations x int4 weights --------------------------------------
+# --- W4A8 / W4A4: dynamic per-token int8 or int4 activations x int4 weights ------------------------
 
 
+@pytest.mark.parametrize("codes,block", [("int8", 128), ("int4", None)])
 @pytest.mark.parametrize("m,k,n", SHAPES + [RAGGED])
-def test_w4a8_matches_ort(m, k, n):
+def test_w4a8_and_w4a4_match_ort(m, k, n, codes, block):
+    """W4A8 (int4 blocks of 128) and W4A4 (int4 per channel, int4 codes held in int8) share the
+    int8 x int4 kernel; the row quantizer alone decides the grid."""
     seed = m * 1000 + k + n
     x = activations(m, k, seed)
     if m > 1:
         x[-1] = 0.0  # an all-zero token takes the 2^-24 scale floor
     wq = weights("int4", (k, n), seed)
-    ws, axis = weight_scales(k, n, 128, False, seed)
+    ws, axis = weight_scales(k, n, block, False, seed)
     xq, xs = [tvm.runtime.tensor(np.zeros(shape, dt)) for shape, dt in (((m, k), "int8"), ((m,), "float32"))]
-    q_rows_kernel(k)(tvm.runtime.tensor(x), xq, xs)
+    q_rows_kernel(k, codes)(tvm.runtime.tensor(x), xq, xs)
     xq, xs = xq.numpy(), xs.numpy()
     # the row quantizer is the PerTokenQDQ function exactly (DQ(Q(x)) = q * scale in fp32)
-    dq_ref = ort_run(per_token_model(k), {"x": x})[0]
+    dq_ref = ort_run(per_token_model(k, codes), {"x": x})[0]
     np.testing.assert_array_equal(xq.astype(np.float32) * xs[:, None], dq_ref)
-    w, s = kernel_weight(wq, ws, axis, 128, False, "int4")
+    if codes == "int4":
+        assert xq.min() >= -8 and xq.max() <= 7
+    w, s = kernel_weight(wq, ws, axis, block, False, "int4")
+    group = block or k  # None: one block over K
     acc = run(
-        kernel(None, k, n, weight="int4", activation="int8", block_size=128, accumulator_only=True),
+        kernel(None, k, n, weight="int4", activation="int8", block_size=block, accumulator_only=True),
         xq, xs, w, s, out_shape=(m, s.shape[0], n), out_dtype="int32",
     )
-    kp = s.shape[0] * 128
+    kp = s.shape[0] * group
     xq_pad = np.zeros((m, kp), np.int64)
     xq_pad[:, :k] = xq
     wq_pad = np.zeros((kp, n), np.int64)
     wq_pad[:k] = wq.astype(np.int64)
-    exact = np.einsum("mbk,bkn->mbn", xq_pad.reshape(m, -1, 128), wq_pad.reshape(-1, 128, n))
+    exact = np.einsum("mbk,bkn->mbn", xq_pad.reshape(m, -1, group), wq_pad.reshape(-1, group, n))
     np.testing.assert_array_equal(acc, exact)
-    ref = ort_run(qdq_linear_model(wq, ws, axis=axis, block_size=128, gemm=False, act="per_token"), {"x": x})[0]
-    y = run(kernel(rows(m), k, n, weight="int4", activation="int8", block_size=128), xq, xs, w, s, out_shape=(m, n))
+    act = "per_token" if codes == "int8" else "per_token_int4"
+    ref = ort_run(qdq_linear_model(wq, ws, axis=axis, block_size=block, gemm=False, act=act), {"x": x})[0]
+    y = run(kernel(rows(m), k, n, weight="int4", activation="int8", block_size=block), xq, xs, w, s, out_shape=(m, n))
     assert_close(y, ref)
 
 
-def per_token_model(k: int) -> onnx.ModelProto:
+def per_token_model(k: int, codes: str = "int8") -> onnx.ModelProto:
     graph = helper.make_graph(
-        [helper.make_node("PerTokenQDQ_int8", ["x"], ["y"], domain="ai.lpcompile")],
+        [helper.make_node(f"PerTokenQDQ_{codes}", ["x"], ["y"], domain="ai.lpcompile")],
         "per_token",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", k])],
@@ -378,7 +391,7 @@ def per_token_model(k: int) -> onnx.ModelProto:
     return helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("ai.lpcompile", 1)],
-        functions=[per_token_function()],
+        functions=[per_token_function(codes)],
         ir_version=10,
     )
 
@@ -444,9 +457,12 @@ def cuda_kernels(fp8: bool) -> dict:
         "int4_gemm": quantized_matmul(None, k, n, weight="int4", block_size=128),
         "int8_weight_gemm": quantized_matmul(None, k, n, weight="int8"),
         "int8_int8_gemm": quantized_matmul(None, k, n, weight="int8", activation="int8"),
+        "uint8_int8_gemm": quantized_matmul(None, k, n, weight="int8", activation="uint8"),
+        "quantize_uint8": quantize_tensor(None, k, "uint8"),
         "w4a8_gemm": quantized_matmul(None, k, n, weight="int4", activation="int8", block_size=128),
         "quantize_int8": quantize_tensor(None, k, "int8"),
         "quantize_rows_int8": quantize_rows(None, k),
+        "quantize_rows_int4": quantize_rows(None, k, "int4"),
     }
     if fp8:
         for dt in ("float8_e4m3fn", "float8_e5m2"):

@@ -240,7 +240,7 @@ class QuantizeLinear(ox.QuantizeLinear):
         s1 = relax.const(cs[1].astype(np.float32).reshape(1))
         args = [x2, s1]
         zp1 = None
-        if dtype in ("int8", "uint8"):  # uint8: ONNX rounding (half to even); no uint8 matmul kernel
+        if dtype in ("int8", "uint8"):
             zp1 = relax.const(cz[1].astype(dtype).reshape(1))
             args.append(zp1)
         gv = ctx.kernel(("quantize", dtype, k), lambda: K.quantize_tensor(None, k, dtype))
@@ -254,19 +254,54 @@ class QuantizeLinear(ox.QuantizeLinear):
 class PerTokenQDQ_int8(ox.OnnxOpConverter):  # noqa: N801 (the ONNX op name)
     """`ai.lpcompile::PerTokenQDQ_int8(x)`: dynamic per-token int8 quantization."""
 
+    codes = "int8"
+
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
         ctx = _ACTIVE.get()
         x2, m, shape = _flatten_rows(bb, inputs[0])
         k = _static(shape[-1])
-        gv = ctx.kernel(("quantize_rows", k), lambda: K.quantize_rows(None, k))
+        gv = ctx.kernel(("quantize_rows", cls.codes, k), lambda: K.quantize_rows(None, k, cls.codes))
         out = bb.emit(relax.call_tir(gv, [x2], [relax.TensorType([m, k], "int8"), relax.TensorType([m], "float32")]))
         q, s = bb.emit(relax.TupleGetItem(out, 0)), bb.emit(relax.TupleGetItem(out, 1))
+        # int4 codes travel in int8: the int8-activation kernels multiply them unchanged
         act = QuantizedActivation(q=q, dtype="int8", scale=s, zero_point=None, kind="row", shape=shape)
         var = bb.emit(_dequantize_activation(ctx, act))
         ctx.acts[var] = act
-        ctx.report.fired["PerTokenQDQ_int8"] += 1
+        ctx.report.fired[f"PerTokenQDQ_{cls.codes}"] += 1
         return var
+
+
+class PerTokenQDQ_int4(PerTokenQDQ_int8):  # noqa: N801 (the ONNX op name)
+    """`ai.lpcompile::PerTokenQDQ_int4(x)`: dynamic per-token int4 quantization (W4A4)."""
+
+    codes = "int4"
+
+
+class Expand(ox.Expand):
+    """TVM's Expand, but a constant target shape over an input with symbolic dims (a GQA
+    key/value repeat: [b, h, 1, s, d] -> [b, h, g, s, d]) broadcasts by the ONNX rules instead
+    of asking the symbolic dims for their values."""
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        data, shape = inputs
+        dims = _shape(data) if isinstance(getattr(data, "ty", None), relax.TensorType) and data.ty.shape is not None else None
+        if not isinstance(shape, tvm.ir.GenericConst) or dims is None or all(_static(d) is not None for d in dims):
+            return super()._impl_v13(bb, inputs, attr, params)
+        target = [int(v) for v in shape.value.numpy().tolist()]
+        rank = max(len(target), len(dims))
+        target = [1] * (rank - len(target)) + target
+        dims = [1] * (rank - len(dims)) + list(dims)
+        out = []
+        for d, t in zip(dims, target):
+            if t in (1, -1):  # keep the input's dim (broadcast from 1 happens only in the other direction)
+                out.append(d)
+            elif _static(d) not in (None, 1, t):
+                raise ModelError(f"Expand: cannot broadcast dim {_static(d)} to {t}")
+            else:
+                out.append(t)
+        return relax.op.broadcast_to(data, relax.ShapeExpr(out))
 
 
 class Hadamard(ox.OnnxOpConverter):
@@ -400,7 +435,7 @@ def _lower_linear(ctx: _Context, a: relax.Expr, b: relax.Expr, *, transposed: bo
 
 class Gather(ox.Gather):
     """Gather(DequantizeLinear(constant table), indices, axis=0) (embedding tables): the table
-    stays low-bit (4-bit codes two per byte, 8-bit as is) with its scales and zero points; the
+    stays low-bit (4-bit codes two per byte, 8-bit integer and float8 as is) with its scales and zero points; the
     rows are gathered first and only they are dequantized, exactly as ONNX computes them."""
 
     @classmethod
@@ -415,7 +450,7 @@ class Gather(ox.Gather):
         if reason is not None or not isinstance(getattr(indices, "ty", None), relax.TensorType):
             ctx.report.refuse("Gather", reason or "indices are not a tensor", node)
             return super()._impl_v13(bb, inputs, attr, params)
-        out = _gather_rows(bb, w, indices)
+        out = _gather_rows(ctx, w, indices)
         ctx.report.fired[f"Gather[{w.dtype}]"] += 1
         if node is not None:
             ctx.report.layers[node] = {"kernel": f"gather {w.dtype} rows, dequantized after the gather",
@@ -423,7 +458,7 @@ class Gather(ox.Gather):
         return out
 
 
-_GATHER_DTYPES = ("int4", "uint4", "int8", "uint8")
+_GATHER_DTYPES = ("int4", "uint4", "int8", "uint8", *FLOAT8)
 
 
 def _gather_refusal(w: QuantizedWeight, axis: int) -> str | None:
@@ -441,8 +476,8 @@ def _gather_refusal(w: QuantizedWeight, axis: int) -> str | None:
     return None
 
 
-def _gather_rows(bb: relax.BlockBuilder, w: QuantizedWeight, indices: relax.Expr) -> relax.Expr:
-    op = relax.op
+def _gather_rows(ctx: _Context, w: QuantizedWeight, indices: relax.Expr) -> relax.Expr:
+    bb, op = ctx.bb, relax.op
     v, d = w.q.shape
     four = w.dtype in ("int4", "uint4")
     if four:
@@ -460,7 +495,13 @@ def _gather_rows(bb: relax.BlockBuilder, w: QuantizedWeight, indices: relax.Expr
         lo = op.bitwise_and(rows, relax.const(np.uint8(15)))
         hi = op.right_shift(rows, relax.const(np.uint8(4)))
         rows = bb.emit(op.reshape(op.stack([lo, hi], axis=-1), [*lead, d]))
-    q = bb.emit(op.astype(rows, "float32"))
+    if w.dtype in FLOAT8:  # the codes of the gathered rows only, decoded in integer arithmetic
+        flat, _, _ = _flatten_rows(bb, rows)
+        gv = ctx.kernel(("decode", w.dtype, d), lambda: _decode_kernel(d, w.dtype))
+        q = bb.emit(relax.call_tir(gv, [flat], relax.TensorType(_shape(flat), "float32")))
+        q = bb.emit(op.reshape(q, [*lead, d]))
+    else:
+        q = bb.emit(op.astype(rows, "float32"))
     if w.dtype == "int4":  # sign of the 4-bit two's complement code
         q = bb.emit(op.where(op.greater_equal(q, relax.const(np.float32(8))), op.subtract(q, relax.const(np.float32(16))), q))
     scale = w.scale.astype(np.float32)
@@ -511,6 +552,8 @@ CONVERTERS: dict[str, type] = {
     "DequantizeLinear": DequantizeLinear,
     "QuantizeLinear": QuantizeLinear,
     "PerTokenQDQ_int8": PerTokenQDQ_int8,
+    "PerTokenQDQ_int4": PerTokenQDQ_int4,
+    "Expand": Expand,
     "Hadamard": Hadamard,
     "MatMul": MatMul,
     "Gemm": Gemm,
@@ -594,7 +637,7 @@ class QdqImporter(ox.ONNXGraphImporter):
         converter = CONVERTERS.get(op_name)
         if converter is None:
             return super()._convert_operator(op_name, inputs, attrs, opset)
-        version = 1 if converter in (PerTokenQDQ_int8, Hadamard) else opset
+        version = 1 if converter in (PerTokenQDQ_int8, PerTokenQDQ_int4, Hadamard) else opset
         sym = converter.get_converter(version)(self.bb, inputs, attrs, [self._nodes, self._params])
         return self.bb.normalize(sym) if isinstance(sym, relax.Expr) else sym
 

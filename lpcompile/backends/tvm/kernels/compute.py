@@ -47,6 +47,9 @@ FP8_BITS = {
     "float8_e5m2": Fp8Bits(man=2, bias=15, max_code=0x7B, nan_code=0x7F),  # S.11111.00 is inf
 }
 INT_RANGE = {"int8": (-128, 127), "uint8": (0, 255)}
+# Per-token codes: int4 activations are held one per int8 (the int8 x weight kernels take them as
+# they are; their range is a subset), so only the grid differs.
+ROW_CODES = {"int8": (-128, 127), "int4": (-8, 7)}
 TINY_SCALE = 2.0**-24  # the per-token scale floor the quantize pass writes
 ROW_TILE = 4  # symbolic row counts are padded to this for the accumulation
 
@@ -62,6 +65,7 @@ class Pair:
 PAIRS: dict[tuple[str, str], Pair] = {
     **{("float32", w): Pair("float32", "none") for w in ("int4", "int8", *FLOAT8)},
     ("int8", "int8"): Pair("int32", "tensor"),
+    ("uint8", "int8"): Pair("int32", "tensor"),  # W8A8 with asymmetric activations (VNNI's u8 x s8)
     ("int8", "int4"): Pair("int32", "row"),  # W4A8: dynamic per-token int8 activations
     **{(a, w): Pair("float32", "tensor") for a in FLOAT8 for w in FLOAT8},
 }
@@ -102,7 +106,7 @@ def quantized_matmul(
     """y[m, n] = x[m, k] @ dequant(w)[k, n], with the quantized operands decoded in the kernel.
 
     Parameters, in order: x [m, k] (`activation` dtype); for int8 activations with a tensor
-    scale x_scale [1] float32 and x_zero_point [1] int8, for per-token ones x_scale [m]; for
+    scale x_scale [1] float32 and x_zero_point [1] of their dtype (int8 / uint8), for per-token ones x_scale [m]; for
     fp8 activations x_scale [1]; then the weight (int4: uint32 `layout.packed_shape`, others
     [K_pad, N] of their dtype), w_scale [ceil(K / block), N] float32, and the output y [m, n]
     float32. `block_size=None` means one block over K (per-channel / per-tensor scales).
@@ -229,14 +233,14 @@ def quantize_tensor(m: int | tirx.PrimExpr | None, k: int, dtype: str) -> tirx.P
 
 
 def quantize_rows(m: int | tirx.PrimExpr | None, k: int, dtype: str = "int8") -> tirx.PrimFunc:
-    """Dynamic per-token quantization (the `PerTokenQDQ_int8` function): for each row,
-    scale = max(max|x| / 127, 2^-24), q = saturate(round_half_even(x / scale)).
+    """Dynamic per-token quantization (the `PerTokenQDQ_int8` / `_int4` functions): for each row,
+    scale = max(max|x| / qmax, 2^-24), q = saturate(round_half_even(x / scale)), qmax 127 or 7.
 
-    x [m, k] float32 -> q [m, k] int8, scale [m] float32.
+    x [m, k] float32 -> q [m, k] int8 (int4 codes held in int8), scale [m] float32.
     """
-    if dtype != "int8":
+    if dtype not in ROW_CODES:
         raise TargetError(f"no per-token quantize kernel for {dtype}")
-    lo, hi = INT_RANGE[dtype]
+    lo, hi = ROW_CODES[dtype]
     m_, k_ = dim(m), dim(k)
     x = te.placeholder((m_, k_), "float32", name="x")
     r = te.reduce_axis((dim(0), k_), name="k")
@@ -246,7 +250,7 @@ def quantize_rows(m: int | tirx.PrimExpr | None, k: int, dtype: str = "int8") ->
         return tirx.max(amax[i] / tirx.const(float(hi), "float32"), tirx.const(TINY_SCALE, "float32"))
 
     q = te.compute(
-        (m_, k_), lambda i, j: _saturate_int(tirx.nearbyint(x[i, j] / row_scale(i)), lo, hi, dtype), name="quantize"
+        (m_, k_), lambda i, j: _saturate_int(tirx.nearbyint(x[i, j] / row_scale(i)), lo, hi, "int8"), name="quantize"
     )
     scale = te.compute((m_,), row_scale, name="row_scale")
     return te.create_prim_func([x, q, scale]).with_attr({KERNEL_ATTR: "quantize_rows"})
