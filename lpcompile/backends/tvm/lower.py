@@ -98,6 +98,7 @@ class _Context:
         self.acts: dict[relax.Expr, QuantizedActivation] = {}
         self.pending_q: dict[relax.Expr, tuple] = {}  # QuantizeLinear output -> (q [m, k], dtype, shape)
         self.low_bit_consts: dict[relax.Expr, tuple[str, np.ndarray]] = {}
+        self.low_bit_inputs: dict[relax.Expr, str] = {}  # 4-bit graph inputs, held one code per byte
         self.kernels: dict[tuple, relax.GlobalVar] = {}
         self.report = LoweringReport()
 
@@ -206,9 +207,7 @@ class DequantizeLinear(ox.DequantizeLinear):
             var = bb.emit(_dequantize_activation(ctx, act))
             ctx.acts[var] = act
             return var
-        if attr.get("block_size", 0) or _const_array(ctx, x) is not None:
-            raise ModelError("DequantizeLinear: blocked or low-bit dequantization of a non-constant tensor is not supported")
-        return stock(bb, inputs, attr, params)
+        return _generic_qdq(ctx, "dequantize", inputs, attr, _code_dtype(ctx, x))
 
 
 class QuantizeLinear(ox.QuantizeLinear):
@@ -228,13 +227,13 @@ class QuantizeLinear(ox.QuantizeLinear):
         x, scale, zp = inputs[0], inputs[1], inputs[2]
         cs = _const_array(ctx, scale)
         cz = _const_array(ctx, zp) if zp is not None else None
-        if cs is None or cs[1].size != 1 or cz is None or cz[1].size != 1 or attr.get("block_size", 0):
-            ctx.report.refuse("QuantizeLinear", "needs a constant scalar scale and zero point")
-            return stock(bb, inputs, attr, params)
+        code = _quantize_code(ctx, zp, attr)
+        fusable = cs is not None and cs[1].size == 1 and cz is not None and cz[1].size == 1 and not attr.get("block_size", 0)
+        if not fusable or code not in ("int8", "uint8", *FLOAT8) or _static(_shape(x)[-1]) is None:
+            return _generic_qdq(ctx, "quantize", inputs, attr, code)  # not a candidate for a fused linear
         dtype = cz[0]
-        if dtype not in ("int8", "uint8", *FLOAT8) or (dtype in FLOAT8 and float(cz[1].astype(np.float32).reshape(())) != 0):
-            ctx.report.refuse("QuantizeLinear", f"no kernel for {dtype} (float8 zero points must be 0)")
-            return stock(bb, inputs, attr, params)
+        if dtype in FLOAT8 and float(cz[1].astype(np.float32).reshape(())) != 0:
+            raise ModelError("QuantizeLinear: float8 zero points must be 0")
         x2, m, shape = _flatten_rows(bb, x)
         k = _static(shape[-1])
         s1 = relax.const(cs[1].astype(np.float32).reshape(1))
@@ -249,6 +248,56 @@ class QuantizeLinear(ox.QuantizeLinear):
         ctx.pending_q[q] = (q2, dtype, shape)
         ctx.report.fired["QuantizeLinear"] += 1
         return q
+
+
+def _code_dtype(ctx: _Context, x: relax.Expr) -> str:
+    """The ONNX element type of a quantized tensor (4-bit ones are held one code per byte)."""
+    c = _const_array(ctx, x)
+    if c is not None:
+        return c[0]
+    return ctx.low_bit_inputs.get(x, str(x.ty.dtype))
+
+
+def _quantize_code(ctx: _Context, zp, attr: dict) -> str:
+    """QuantizeLinear's output type: output_dtype, else the zero point's type, else uint8."""
+    if attr.get("output_dtype", 0):
+        return str(onnx.helper.tensor_dtype_to_np_dtype(int(attr["output_dtype"])))
+    return _code_dtype(ctx, zp) if zp is not None else "uint8"
+
+
+def _generic_qdq(ctx: _Context, kind: str, inputs, attr: dict, code: str) -> relax.Expr:
+    """QuantizeLinear / DequantizeLinear of any rank with scalar, per-axis or blocked scales and
+    zero points given as tensors (constants or run-time inputs): one elementwise kernel."""
+    bb = ctx.bb
+    x, scale = inputs[0], inputs[1]
+    zp = inputs[2] if len(inputs) > 2 else None
+    for name, v in (("input", x), ("scale", scale), ("zero point", zp)):
+        if v is not None and (not isinstance(getattr(v, "ty", None), relax.TensorType) or v.ty.shape is None):
+            raise ModelError(f"{kind}: the {name} needs a known rank and shape")
+    shape, sshape = _shape(x), _shape(scale)
+    block = int(attr.get("block_size", 0)) or None
+    per_tensor = len(sshape) == 0 or (len(sshape) == 1 and _static(sshape[0]) == 1 and not block)
+    axis = None if per_tensor else int(attr.get("axis", 1)) % max(len(shape), 1)
+    if block and len(sshape) != len(shape):
+        raise ModelError(f"{kind}: blocked scales need the input's rank ({len(shape)}), got {len(sshape)}")
+    if axis is not None and not block and len(sshape) != 1:
+        raise ModelError(f"{kind}: per-axis scales must be 1-D, got rank {len(sshape)}")
+    float_dtype = str(scale.ty.dtype)
+    args = [x, scale] + ([zp] if zp is not None else [])
+    zshape = None if zp is None else _shape(zp)
+    key = (kind, code, float_dtype, axis, block, *(tuple(str(d) for d in t) if t is not None else None for t in (shape, sshape, zshape)))
+    if kind == "dequantize":
+        make = lambda: K.dequantize_linear(shape, code, sshape, zshape, axis=axis, block=block, out_dtype=float_dtype)  # noqa: E731
+        out_ty = relax.TensorType(shape, float_dtype)
+    else:
+        make = lambda: K.quantize_linear(shape, code, sshape, zshape, axis=axis, block=block, in_dtype=float_dtype)  # noqa: E731
+        out_ty = relax.TensorType(shape, K.code_storage(code))
+    gv = ctx.kernel(key, make)
+    out = bb.emit(relax.call_tir(gv, args, out_ty))
+    if kind == "quantize" and code in ("int4", "uint4"):
+        ctx.low_bit_inputs[out] = code
+    ctx.report.fired[f"{'DequantizeLinear' if kind == 'dequantize' else 'QuantizeLinear'}[{code}, elementwise]"] += 1
+    return out
 
 
 class PerTokenQDQ_int8(ox.OnnxOpConverter):  # noqa: N801 (the ONNX op name)
@@ -611,6 +660,17 @@ class QdqImporter(ox.ONNXGraphImporter):
         value_info = {v.name: v for v in graph.value_info if v.type.tensor_type.HasField("shape")}
         self._nodes = _ShapedNodes(self._nodes, self.bb, value_info, dims)
         super()._construct_nodes(graph)
+
+    def _parse_graph_input(self, graph):
+        """4-bit graph inputs are held one code per byte (int8 / uint8); their type is kept."""
+        four = {i.name: i.type.tensor_type.elem_type for i in graph.input
+                if i.type.tensor_type.elem_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)}
+        if four:
+            self._dtype = {name: "int8" if t == onnx.TensorProto.INT4 else "uint8" for name, t in four.items()}
+        super()._parse_graph_input(graph)
+        ctx = _ACTIVE.get()
+        for name, t in four.items():
+            ctx.low_bit_inputs[self._nodes[name]] = "int4" if t == onnx.TensorProto.INT4 else "uint4"
 
     def _parse_graph_initializers(self, graph):
         low_bit = [t for t in graph.initializer if t.data_type in _ML_DTYPES]

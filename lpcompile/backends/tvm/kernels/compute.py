@@ -324,3 +324,91 @@ def has_block(sch, name: str) -> bool:
     except Exception:  # TVM raises its own error type for a missing block
         return False
     return True
+
+
+# --- QuantizeLinear / DequantizeLinear in general -------------------------------------------------
+# Any rank, scalar / per-axis / blocked scales and zero points given at run time: what a QDQ graph
+# holds outside the fused linear layers, and what ONNX's own node tests exercise. 4-bit codes
+# travel one per byte (int8 / uint8 storage); `code` names the real type, which sets the range.
+
+CODE_RANGE = {"int4": (-8, 7), "uint4": (0, 15), "int8": (-128, 127), "uint8": (0, 255),
+              "int16": (-32768, 32767), "uint16": (0, 65535)}
+CODE_STORAGE = {"int4": "int8", "uint4": "uint8"}
+
+
+def code_storage(code: str) -> str:
+    """The TVM dtype that holds codes of ONNX type `code` (4-bit codes: one per byte)."""
+    return CODE_STORAGE.get(code, code)
+
+
+def _scale_index(idx, axis: int | None, block: int | None, rank: int):
+    """The element of a scale / zero point (of rank `rank`) that x[idx] uses: the single one, the
+    one of idx[axis], or (blocked) idx with idx[axis] // block."""
+    if axis is None:
+        return (0,) * rank
+    if block:
+        return tuple(tirx.floordiv(v, block) if d == axis else v for d, v in enumerate(idx))
+    return (idx[axis],)
+
+
+def _code_value(v, code: str):
+    return fp8_to_float32(v, code) if code in FLOAT8 else v.astype("float32")
+
+
+def dequantize_linear(shape, code: str, scale_shape, zero_point_shape=None, *, axis: int | None,
+                      block: int | None, out_dtype: str = "float32") -> tirx.PrimFunc:
+    """y = (x - zero_point) * scale elementwise (ONNX DequantizeLinear), x of type `code`.
+
+    Parameters: x `shape` (its storage dtype), scale `scale_shape` (`out_dtype`), [zero_point
+    `zero_point_shape`, None: no zero point], y `shape` `out_dtype`. `axis=None`: one scale (shape
+    [] or [1])."""
+    if code not in CODE_RANGE and code not in FLOAT8:
+        raise TargetError(f"no DequantizeLinear kernel for {code}")
+    shape = [dim(d) for d in shape]
+    sshape = [dim(d) for d in scale_shape]
+    zshape = None if zero_point_shape is None else [dim(d) for d in zero_point_shape]
+    x = te.placeholder(shape, code_storage(code), name="x")
+    scale = te.placeholder(sshape, out_dtype, name="scale")
+    zp = te.placeholder(zshape, code_storage(code), name="zero_point") if zshape is not None else None
+
+    def f(*idx):
+        v = _code_value(x[idx], code)
+        if zp is not None:
+            v = v - _code_value(zp[_scale_index(idx, axis, block, len(zshape))], code)
+        return (v * scale[_scale_index(idx, axis, block, len(sshape))].astype("float32")).astype(out_dtype)
+
+    y = te.compute(shape, f, name="elementwise")
+    args = [x, scale] + ([zp] if zp is not None else []) + [y]
+    return te.create_prim_func(args).with_attr({KERNEL_ATTR: "elementwise"})
+
+
+def quantize_linear(shape, code: str, scale_shape, zero_point_shape=None, *, axis: int | None,
+                    block: int | None, in_dtype: str = "float32") -> tirx.PrimFunc:
+    """q = saturate(round_half_even(x / scale) + zero_point) elementwise (ONNX QuantizeLinear,
+    saturate=1 for float8: the nearest value, clipped to the largest finite one).
+
+    Parameters: x `shape` `in_dtype`, scale `scale_shape` `in_dtype`, [zero_point
+    `zero_point_shape`], q `shape` (storage of `code`)."""
+    if code not in CODE_RANGE and code not in FLOAT8:
+        raise TargetError(f"no QuantizeLinear kernel for {code}")
+    shape = [dim(d) for d in shape]
+    sshape = [dim(d) for d in scale_shape]
+    zshape = None if zero_point_shape is None else [dim(d) for d in zero_point_shape]
+    x = te.placeholder(shape, in_dtype, name="x")
+    scale = te.placeholder(sshape, in_dtype, name="scale")
+    zp = te.placeholder(zshape, code_storage(code), name="zero_point") if zshape is not None else None
+
+    def f(*idx):
+        v = x[idx].astype("float32") / scale[_scale_index(idx, axis, block, len(sshape))].astype("float32")
+        z = _code_value(zp[_scale_index(idx, axis, block, len(zshape))], code) if zp is not None else None
+        if code in FLOAT8:  # (ONNX float8 zero points are 0; added for the formula's sake)
+            return float32_to_fp8(v + z if z is not None else v, code)
+        lo, hi = CODE_RANGE[code]
+        v = tirx.nearbyint(v)
+        if z is not None:
+            v = v + z
+        return _saturate_int(v, lo, hi, code_storage(code))
+
+    q = te.compute(shape, f, name="elementwise")
+    args = [x, scale] + ([zp] if zp is not None else []) + [q]
+    return te.create_prim_func(args).with_attr({KERNEL_ATTR: "elementwise"})

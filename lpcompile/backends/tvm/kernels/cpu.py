@@ -141,6 +141,19 @@ def schedule_quantize_tensor(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return sch.mod["main"]
 
 
+def schedule_elementwise(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """One loop over every element: parallel chunks, vectorized inside."""
+    sch = Schedule(func)
+    block = sch.get_sblock("elementwise")
+    loops = sch.get_loops(block)
+    if not loops:
+        return sch.mod["main"]
+    outer, inner = sch.split(sch.fuse(*loops) if len(loops) > 1 else loops[0], [None, 16])
+    sch.parallel(outer)
+    sch.vectorize(inner)
+    return sch.mod["main"]
+
+
 def schedule_quantize_rows(func: tirx.PrimFunc) -> tirx.PrimFunc:
     sch = Schedule(func)
     amax = sch.get_sblock("amax")
@@ -158,6 +171,7 @@ SCHEDULES = {
     "quantized_matmul": schedule_matmul,
     "quantize_tensor": schedule_quantize_tensor,
     "quantize_rows": schedule_quantize_rows,
+    "elementwise": schedule_elementwise,
 }
 
 

@@ -60,6 +60,18 @@ def schedule_quantize_tensor(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return sch.mod["main"]
 
 
+def schedule_elementwise(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    sch = Schedule(func)
+    block = sch.get_sblock("elementwise")
+    loops = sch.get_loops(block)
+    if not loops:  # a scalar: one thread
+        return sch.mod["main"]
+    bx, tx = sch.split(sch.fuse(*loops) if len(loops) > 1 else loops[0], [None, 256])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    return sch.mod["main"]
+
+
 def schedule_quantize_rows(func: tirx.PrimFunc) -> tirx.PrimFunc:
     sch = Schedule(func)
     amax = sch.get_sblock("amax")
@@ -80,6 +92,7 @@ SCHEDULES = {
     "quantized_matmul": schedule_matmul,
     "quantize_tensor": schedule_quantize_tensor,
     "quantize_rows": schedule_quantize_rows,
+    "elementwise": schedule_elementwise,
 }
 
 
