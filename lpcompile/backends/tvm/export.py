@@ -25,6 +25,7 @@ import onnx
 import tvm
 
 from lpcompile.backends.tvm.lower import LoweringReport, from_onnx
+from lpcompile.backends.tvm.pipeline import build
 
 LIBRARY = "model.so"
 PARAMS = "params.bin"
@@ -173,7 +174,7 @@ def export_artifact(
     mod, lowering = from_onnx(qdq_model, target, input_shapes)
     mod, params = _lift_constants(mod)
     t1 = time.perf_counter()
-    ex = tvm.compile(mod, target=target)
+    ex = build(mod, target)
     cuda = _cuda_binaries(ex, target, out) if target.kind.name == "cuda" else None
     t2 = time.perf_counter()
     ex.export_library(str(out / LIBRARY))

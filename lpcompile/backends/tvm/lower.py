@@ -719,6 +719,8 @@ def from_onnx(
 
 
 def compile_model(model: onnx.ModelProto, target: tvm.target.Target, shape_dict: dict[str, list] | None = None):
-    """from_onnx + tvm.compile: returns (executable, report)."""
+    """from_onnx + build (lpcompile's pipeline): returns (executable, report)."""
+    from lpcompile.backends.tvm.pipeline import build
+
     mod, report = from_onnx(model, target, shape_dict)
-    return tvm.compile(mod, target=target), report
+    return build(mod, target), report
