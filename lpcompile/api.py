@@ -30,7 +30,7 @@ from lpcompile.report import build_report, dumps, to_markdown
 
 __all__ = ["capture", "compile", "CompiledModel", "TARGETS", "EMITS"]
 
-TARGETS = ("llvm", "cuda")
+TARGETS = ("llvm", "aarch64", "cuda")  # llvm = this CPU; aarch64[:CPU]; cuda[:sm_XX] (see backends.tvm.target)
 EMITS = ("onnx", "tvm")
 ROTATE_MODES = ("auto", "online", "fold", "off")
 
@@ -83,9 +83,9 @@ class CompiledModel:
     def _export_tvm(self, out: Path, report: dict) -> dict:
         """The TVM artifact into `out`; the report gains its stage time and what did not lower."""
         from lpcompile.backends.tvm.export import export_artifact
-        from lpcompile.backends.tvm.target import cuda_target, host_target
+        from lpcompile.backends.tvm.target import resolve
 
-        target = host_target() if self.target == "llvm" else cuda_target()
+        target = resolve(self.target)
         start = time.perf_counter()
         try:
             manifest = export_artifact(ir.to_proto(self.qdq_model), target, out, report=self.report)
@@ -128,12 +128,14 @@ def compile(
     activation scales need it; GPTQ uses it (else MSE rounding); it also measures the report's
     errors. For torch modules: `example_inputs` and `dynamic` as in `capture`. `rotate`:
     "auto" | "online" | "fold" | "off" (None: the recipe's default, see `Recipe.default_rotate`)."""
-    if target not in TARGETS:
-        raise TargetError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+    if target.partition(":")[0] not in TARGETS:
+        raise TargetError(f"unknown target {target!r}; choose one of: llvm, aarch64[:CPU], cuda[:sm_XX]")
     unknown = [e for e in emit if e not in EMITS]
     if unknown:
         raise TargetError(f"cannot emit {', '.join(unknown)} yet; available: {', '.join(EMITS)}")
     recipe = get_recipe(format)
+    if "tvm" in emit:
+        _check_target(target, recipe)  # before any work: a format the target cannot run is refused
     rotate = rotate or recipe.default_rotate
     if rotate not in ROTATE_MODES:
         raise LpcompileError(f"unknown rotate mode {rotate!r}; choose one of: {', '.join(ROTATE_MODES)}")
@@ -183,6 +185,16 @@ def compile(
     report["stages_seconds"] = {k: round(v, 3) for k, v in stages.items()}
     report["rotate"] = {"mode": rotate, **_rotation_summary(qdq.meta.get(ROTATE_KEY))}
     return CompiledModel(qdq, report, recipe, target, tuple(emit))
+
+
+def _check_target(target: str, recipe) -> None:
+    from lpcompile.backends.tvm.target import FP8_MIN_SM, resolve, supports_fp8
+
+    tvm_target = resolve(target)
+    specs = [s for s in (recipe.weights, recipe.activations, recipe.embeddings) if s is not None]
+    if any(getattr(s.format, "name", "").startswith("fp8") for s in specs) and not supports_fp8(tvm_target):
+        raise TargetError(f"format {recipe.name!r} needs FP8 kernels: CUDA sm_{FP8_MIN_SM}+ (target {target}); "
+                          f"use --target cuda:sm_89 or cuda:sm_90")
 
 
 def _rotation_summary(meta) -> dict:

@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="formats: " + "; ".join(f"{r.name} = {r.description}" for r in RECIPES.values()),
     )
     p.add_argument("model", help="an .onnx file (external data next to it is fine)")
-    p.add_argument("--target", default="llvm", choices=TARGETS, help="llvm (this CPU) or cuda")
+    p.add_argument("--target", default="llvm",
+                   help=f"{' | '.join(TARGETS)}: llvm = this CPU; aarch64[:CPU] cross-compiles for 64-bit Arm Linux "
+                        "(LLVM CPU name, e.g. neoverse-v1); cuda[:sm_80|sm_86|sm_89|sm_90] (default sm_80)")
     p.add_argument("--format", default="int4", choices=list(RECIPES), help="quantization recipe (default int4)")
     p.add_argument("-o", "--output", help="output directory (default: <model-stem>.lpc next to the model)")
     p.add_argument("--calibration", help="an .npz file (arrays named after the model inputs, first axis = samples), "

@@ -11,6 +11,7 @@ This module imports TVM's runtime, numpy and the manifest; never lpcompile's com
 from __future__ import annotations
 
 import json
+import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,9 @@ class TvmModel:
         lib = self.path / self.manifest.get("library", LIBRARY)
         if not lib.is_file():
             raise ArtifactError(f"{self.path}: {lib.name} is missing")
+        machine = self.manifest.get("machine")
+        if machine and machine != platform.machine():  # a cross-compiled library cannot load here
+            raise ArtifactError(f"{self.path}: compiled for {machine}; this machine is {platform.machine()}")
         kind = device or self.manifest.get("device", "cpu")
         self.is_cuda = kind == "cuda"
         self.device = tvm.cuda(0) if self.is_cuda else tvm.cpu(0)

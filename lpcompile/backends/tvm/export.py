@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import tvm
 
 from lpcompile.backends.tvm.lower import LoweringReport, from_onnx
 from lpcompile.backends.tvm.pipeline import build
+from lpcompile.backends.tvm.target import cross_linker, is_cross
 
 LIBRARY = "model.so"
 PARAMS = "params.bin"
@@ -153,6 +155,12 @@ def _bytes_by_dtype(params: dict) -> dict[str, int]:
     return total
 
 
+def _machine(target: tvm.target.Target) -> str:
+    host = target.host if target.kind.name == "cuda" and target.host is not None else target
+    triple = str(host.attrs.get("mtriple", "")) if host.kind.name == "llvm" else ""
+    return triple.split("-")[0] if triple else platform.machine()
+
+
 def export_artifact(
     qdq_model: onnx.ModelProto,
     target: tvm.target.Target,
@@ -177,7 +185,7 @@ def export_artifact(
     ex = build(mod, target)
     cuda = _cuda_binaries(ex, target, out) if target.kind.name == "cuda" else None
     t2 = time.perf_counter()
-    ex.export_library(str(out / LIBRARY))
+    ex.export_library(str(out / LIBRARY), fcompile=cross_linker(target) if is_cross(target) else None)
     tvm.runtime.save_param_dict_to_file(params, str(out / PARAMS))
     t3 = time.perf_counter()
     layers = _layer_records(qdq_model, lowering, report)
@@ -196,6 +204,7 @@ def export_artifact(
         "params_by_dtype": _bytes_by_dtype(params),
         "target": str(target),
         "target_kind": target.kind.name,
+        "machine": _machine(target),  # the CPU architecture the library's code is for
         "device": "cuda" if target.kind.name == "cuda" else "cpu",
         "cuda_binaries": cuda,  # nvcc fatbins served to TVM's load-time CUDA compile callback
         "tvm_version": tvm.__version__,
