@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 tvm = pytest.importorskip("tvm")
 
 from lpcompile.backends.tvm.kernels import (  # noqa: E402
+    DOT4,
     INT4,
     build,
     cuda_binary,
@@ -29,6 +30,7 @@ from lpcompile.backends.tvm.kernels import (  # noqa: E402
     quantize_tensor,
     quantized_matmul,
 )
+from lpcompile.backends.tvm.kernels import cpu, x86  # noqa: E402
 from lpcompile.backends.tvm.target import CUDA_ARCHES, cuda_target, host_target  # noqa: E402
 from lpcompile.errors import TargetError  # noqa: E402
 from tests.conftest import ort_run  # noqa: E402
@@ -304,18 +306,51 @@ def test_int8_static_matches_ort(m, k, n, zx, act):
     sx_a, zx_a = np.array([sx], np.float32), np.array([zx], act)
     xq = run(q_tensor_kernel(k, act), x, sx_a, zx_a, out_shape=(m, k), out_dtype=act)
     np.testing.assert_array_equal(xq, xq_ref)
-    # the int32 accumulator is exact
+    # the int32 accumulator is exact (the zero point's share taken out once per output)
     w, s = kernel_weight(wq, ws, axis, None, False, "int8")
+    colsum = wq.astype(np.int64).sum(axis=0, keepdims=True).astype(np.int32)
     acc = run(
         kernel(None, k, n, weight="int8", activation=act, accumulator_only=True),
-        xq, sx_a, zx_a, w, s, out_shape=(m, 1, n), out_dtype="int32",
+        xq, sx_a, zx_a, w, s, colsum, out_shape=(m, 1, n), out_dtype="int32",
     )
     exact = (xq.astype(np.int64) - zx) @ wq.astype(np.int64)
     np.testing.assert_array_equal(acc[:, 0, :], exact)
     # the fused dequantization matches the QDQ graph
     ref = ort_run(qdq_linear_model(wq, ws, axis=axis, block_size=None, gemm=False, act=("static", act, sx, zx)), {"x": x})[0]
-    y = run(kernel(rows(m), k, n, weight="int8", activation=act), xq, sx_a, zx_a, w, s, out_shape=(m, n))
+    y = run(kernel(rows(m), k, n, weight="int8", activation=act), xq, sx_a, zx_a, w, s, colsum, out_shape=(m, n))
     assert_close(y, ref)
+    if act == "uint8":  # the same definition with the weights in the dot4 (VNNI) layout
+        y4 = run(kernel(rows(m), k, n, weight="int8", activation=act, dot4=True), xq, sx_a, zx_a, DOT4.pack(wq, k),
+                 s, colsum, out_shape=(m, n))
+        np.testing.assert_array_equal(y4, y)
+
+
+@pytest.mark.parametrize("m", [1, 5, 32, None])
+def test_vnni_gemm_is_the_compute_definition(m):
+    """The hand-written AVX-512 VNNI GEMM (uint8 x int8, dot4 layout) against the generic
+    schedule of the same definition: bit for bit (integer sums, same epilogue order)."""
+    if not tvm.target.codegen.target_has_features("avx512vnni", TARGET):
+        pytest.skip("needs AVX-512 VNNI")
+    k, n = 384, 128
+    rows_ = 7 if m is None else m
+    rng = np.random.default_rng(rows_)
+    xq = rng.integers(0, 256, (rows_, k)).astype(np.uint8)
+    wq = rng.integers(-127, 128, (k, n)).astype(np.int8)
+    args = [xq, np.array([0.02], np.float32), np.array([131], np.uint8), DOT4.pack(wq, k),
+            rng.uniform(0.01, 0.02, (1, n)).astype(np.float32), wq.astype(np.int64).sum(0, keepdims=True).astype(np.int32)]
+    func = quantized_matmul(m, k, n, weight="int8", activation="uint8", dot4=True)
+    assert x86.applies_dot4(func, TARGET)
+    hand = build(func, TARGET)["main"]
+    generic = tvm.compile(tvm.IRModule({"main": cpu.schedule(func, TARGET, generic_only=True)}), target=TARGET)["main"]
+    assert "vpdpbusd" in build(func, TARGET).mod.inspect_source("asm")
+    outs = []
+    for f in (hand, generic):
+        y = tvm.runtime.tensor(np.zeros((rows_, n), np.float32))
+        f(*[tvm.runtime.tensor(a) for a in args], y)
+        outs.append(y.numpy())
+    np.testing.assert_array_equal(outs[0], outs[1])
+    exact = ((xq.astype(np.int64) - 131) @ wq.astype(np.int64)).astype(np.float32)
+    np.testing.assert_allclose(outs[0], exact * args[4] * np.float32(0.02), rtol=1e-6)
 
 
 # --- fp8 x fp8 ----------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 DOMAIN = "ai.lpcompile"
 OPAQUE = 8  # relax OpPatternKind.kOpaque: never fuse other ops into a scheduled kernel
+EXTERNAL_KERNEL = "lpcompile.external_kernel"  # a PrimFunc compiled apart from the relax module
 _ML_DTYPES = {
     onnx.TensorProto.INT4: ("int4", ml_dtypes.int4),
     onnx.TensorProto.UINT4: ("uint4", ml_dtypes.uint4),
@@ -99,17 +100,33 @@ class _Context:
         self.pending_q: dict[relax.Expr, tuple] = {}  # QuantizeLinear output -> (q [m, k], dtype, shape)
         self.low_bit_consts: dict[relax.Expr, tuple[str, np.ndarray]] = {}
         self.low_bit_inputs: dict[relax.Expr, str] = {}  # 4-bit graph inputs, held one code per byte
-        self.kernels: dict[tuple, relax.GlobalVar] = {}
+        self.kernels: dict[tuple, relax.Expr] = {}
+        # CPU kernels are compiled as a TIR module of their own and called by name (see
+        # pipeline.build): inside a relax-built module TVM 0.27 turns their local buffers and
+        # bindings into heap workspaces, and the register-blocked loops spill (3x slower)
+        self.separate = target.kind.name == "llvm"
+        self.external: dict[str, tirx.PrimFunc] = {}
         self.report = LoweringReport()
 
-    def kernel(self, key: tuple, make) -> relax.GlobalVar:
-        """A scheduled kernel in the module (built once per key)."""
+    def kernel(self, key: tuple, make) -> relax.Expr:
+        """A scheduled kernel (built once per key): a GlobalVar in the module, or for CPU targets
+        the name of a separately compiled function."""
         if key not in self.kernels:
             name = "lp_" + "_".join(str(p) for p in key)
             func = K.schedule(make(), self.target)
             func = func.with_attrs({"tirx.is_scheduled": True, "op_pattern": OPAQUE, "global_symbol": name})
-            self.kernels[key] = self.bb.add_func(func, name)
+            if self.separate:
+                self.external[name] = func.with_attr(EXTERNAL_KERNEL, True)
+                self.kernels[key] = relax.ExternFunc(name)
+            else:
+                self.kernels[key] = self.bb.add_func(func, name)
         return self.kernels[key]
+
+    def call(self, kernel: relax.Expr, args: list, out):
+        """Call a kernel of `kernel()` in destination-passing style."""
+        if isinstance(kernel, relax.ExternFunc):
+            return relax.call_dps_packed(kernel, args, out)
+        return relax.call_tir(kernel, args, out)
 
 
 _ACTIVE: contextvars.ContextVar[_Context] = contextvars.ContextVar("lpcompile_lowering")
@@ -243,7 +260,7 @@ class QuantizeLinear(ox.QuantizeLinear):
             zp1 = relax.const(cz[1].astype(dtype).reshape(1))
             args.append(zp1)
         gv = ctx.kernel(("quantize", dtype, k), lambda: K.quantize_tensor(None, k, dtype))
-        q2 = bb.emit(relax.call_tir(gv, args, relax.TensorType([m, k], dtype)))
+        q2 = bb.emit(ctx.call(gv, args, relax.TensorType([m, k], dtype)))
         q = q2 if len(shape) == 2 else bb.emit(relax.op.reshape(q2, shape))
         ctx.pending_q[q] = (q2, dtype, shape)
         ctx.report.fired["QuantizeLinear"] += 1
@@ -293,7 +310,7 @@ def _generic_qdq(ctx: _Context, kind: str, inputs, attr: dict, code: str) -> rel
         make = lambda: K.quantize_linear(shape, code, sshape, zshape, axis=axis, block=block, in_dtype=float_dtype)  # noqa: E731
         out_ty = relax.TensorType(shape, K.code_storage(code))
     gv = ctx.kernel(key, make)
-    out = bb.emit(relax.call_tir(gv, args, out_ty))
+    out = bb.emit(ctx.call(gv, args, out_ty))
     if kind == "quantize" and code in ("int4", "uint4"):
         ctx.low_bit_inputs[out] = code
     ctx.report.fired[f"{'DequantizeLinear' if kind == 'dequantize' else 'QuantizeLinear'}[{code}, elementwise]"] += 1
@@ -311,7 +328,7 @@ class PerTokenQDQ_int8(ox.OnnxOpConverter):  # noqa: N801 (the ONNX op name)
         x2, m, shape = _flatten_rows(bb, inputs[0])
         k = _static(shape[-1])
         gv = ctx.kernel(("quantize_rows", cls.codes, k), lambda: K.quantize_rows(None, k, cls.codes))
-        out = bb.emit(relax.call_tir(gv, [x2], [relax.TensorType([m, k], "int8"), relax.TensorType([m], "float32")]))
+        out = bb.emit(ctx.call(gv, [x2], [relax.TensorType([m, k], "int8"), relax.TensorType([m], "float32")]))
         q, s = bb.emit(relax.TupleGetItem(out, 0)), bb.emit(relax.TupleGetItem(out, 1))
         # int4 codes travel in int8: the int8-activation kernels multiply them unchanged
         act = QuantizedActivation(q=q, dtype="int8", scale=s, zero_point=None, kind="row", shape=shape)
@@ -379,7 +396,7 @@ def _dequantize_activation(ctx: _Context, act: QuantizedActivation) -> relax.Exp
     if act.dtype in FLOAT8:
         m, k = _shape(act.q)
         gv = ctx.kernel(("decode", act.dtype, _static(k)), lambda: _decode_kernel(_static(k), act.dtype))
-        qf = bb.emit(relax.call_tir(gv, [act.q], relax.TensorType([m, k], "float32")))
+        qf = bb.emit(ctx.call(gv, [act.q], relax.TensorType([m, k], "float32")))
     else:
         qf = relax.op.astype(act.q, "float32")
         if act.zero_point is not None:
@@ -447,20 +464,28 @@ def _lower_linear(ctx: _Context, a: relax.Expr, b: relax.Expr, *, transposed: bo
         return None
     k, n = q_kn.shape
     k_pad = s.shape[0] * block
+    act = ctx.acts.get(a)
+    pair = K.PAIRS.get((act.dtype, kind)) if act is not None else None
+    native = act is not None and pair is not None and pair.act_scale == act.kind
+    dot4 = native and K.use_dot4(ctx.target, act.dtype, kind, k_pad)
     if kind == "int4":
         packed = K.INT4.pack(q_kn.astype(np.int8), k_pad)
+    elif dot4:
+        packed = K.DOT4.pack(q_kn, k_pad)
     else:
         packed = np.zeros((k_pad, n), q_kn.dtype)
         packed[:k] = q_kn
     block_arg = None if block == k else block
     wc, sc = relax.const(packed), relax.const(s.astype(np.float32))
 
-    act = ctx.acts.get(a)
-    pair = K.PAIRS.get((act.dtype, kind)) if act is not None else None
     emulated = None
-    if act is not None and pair is not None and pair.act_scale == act.kind:
+    if native:
         x2, m = act.q, _shape(act.q)[0]
         args = [x2, act.scale] + ([act.zero_point] if act.zero_point is not None else []) + [wc, sc]
+        if act.zero_point is not None:  # the weights' block sums, for the zero point's share
+            sums = np.zeros((s.shape[0] * block, n), np.int64)
+            sums[:k] = q_kn.astype(np.int64)
+            args.append(relax.const(sums.reshape(s.shape[0], block, n).sum(axis=1).astype(np.int32)))
         activation, shape = act.dtype, act.shape
     else:
         if act is not None:
@@ -472,12 +497,12 @@ def _lower_linear(ctx: _Context, a: relax.Expr, b: relax.Expr, *, transposed: bo
         report.refuse(pattern, f"activation features {shape[-1]} != weight K {k}", node)
         return None
     rows = 1 if _static(m) == 1 else None
-    key = ("matmul", activation, kind, rows or "m", k, n, block_arg or "ch")
-    gv = ctx.kernel(key, lambda: K.quantized_matmul(rows, k, n, weight=kind, activation=activation, block_size=block_arg))
-    y2 = bb.emit(relax.call_tir(gv, args, relax.TensorType([m, n], "float32")))
+    key = ("matmul", activation, kind, rows or "m", k, n, block_arg or "ch") + (("dot4",) if dot4 else ())
+    gv = ctx.kernel(key, lambda: K.quantized_matmul(rows, k, n, weight=kind, activation=activation, block_size=block_arg, dot4=dot4))
+    y2 = bb.emit(ctx.call(gv, args, relax.TensorType([m, n], "float32")))
     ctx.report.fired[f"{pattern}[{activation} x {kind}]"] += 1
     if node is not None:
-        report.layers[node] = {"kernel": f"{activation} x {kind}", "activation": activation,
+        report.layers[node] = {"kernel": f"{activation} x {kind}" + (" (dot4)" if dot4 else ""), "activation": activation,
                                "status": "emulated" if emulated else "native", "reason": emulated}
     return y2 if len(shape) == 2 else relax.op.reshape(y2, [*shape[:-1], n])
 
@@ -547,7 +572,7 @@ def _gather_rows(ctx: _Context, w: QuantizedWeight, indices: relax.Expr) -> rela
     if w.dtype in FLOAT8:  # the codes of the gathered rows only, decoded in integer arithmetic
         flat, _, _ = _flatten_rows(bb, rows)
         gv = ctx.kernel(("decode", w.dtype, d), lambda: _decode_kernel(d, w.dtype))
-        q = bb.emit(relax.call_tir(gv, [flat], relax.TensorType(_shape(flat), "float32")))
+        q = bb.emit(ctx.call(gv, [flat], relax.TensorType(_shape(flat), "float32")))
         q = bb.emit(op.reshape(q, [*lead, d]))
     else:
         q = bb.emit(op.astype(rows, "float32"))
@@ -715,6 +740,8 @@ def from_onnx(
     finally:
         _ACTIVE.reset(token)
     mod = relax.transform.DeadCodeElimination()(mod)
+    for name, func in ctx.external.items():  # (after DCE: relax refers to them by name only)
+        mod[tvm.ir.GlobalVar(name)] = func
     return mod, ctx.report
 
 

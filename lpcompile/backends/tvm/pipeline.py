@@ -157,7 +157,20 @@ def cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
 
 
 def build(mod: tvm.ir.IRModule, target: tvm.target.Target) -> relax.VMExecutable:
-    """tvm.compile with lpcompile's pipeline for CPU targets (TVM's own for others)."""
+    """tvm.compile with lpcompile's pipeline for CPU targets (TVM's own for others). Kernels the
+    lowering marked external (`lower.EXTERNAL_KERNEL`) are compiled as a TIR module of their own
+    and imported into the executable, where the relax code finds them by name."""
+    from lpcompile.backends.tvm.lower import EXTERNAL_KERNEL
+
+    external = {gv: f for gv, f in mod.functions.items()
+                if isinstance(f, tirx.PrimFunc) and f.attrs is not None and f.attrs.get(EXTERNAL_KERNEL)}
+    if external:
+        mod = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv not in external}, attrs=mod.attrs)
     if target.kind.name == "llvm":
-        return tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
-    return tvm.compile(mod, target=target)
+        ex = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
+    else:
+        ex = tvm.compile(mod, target=target)
+    if external:
+        kernels = tvm.compile(tvm.IRModule({gv.name_hint: f for gv, f in external.items()}), target=target)
+        ex.mod.import_module(kernels.mod)
+    return ex

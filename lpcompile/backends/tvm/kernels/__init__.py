@@ -27,12 +27,13 @@ from lpcompile.backends.tvm.kernels.compute import (
     quantize_tensor,
     quantized_matmul,
 )
-from lpcompile.backends.tvm.kernels.packing import BLOCK, INT4, Int4Layout, blocked_scales, onnx_weight_to_kn
+from lpcompile.backends.tvm.kernels.packing import BLOCK, DOT4, INT4, Int4Layout, blocked_scales, onnx_weight_to_kn
 from lpcompile.backends.tvm.target import FP8_MIN_SM, supports_fp8
 from lpcompile.errors import TargetError
 
 __all__ = [
     "BLOCK",
+    "DOT4",
     "FLOAT8",
     "INT4",
     "KERNEL_ATTR",
@@ -50,6 +51,7 @@ __all__ = [
     "quantize_tensor",
     "quantized_matmul",
     "schedule",
+    "use_dot4",
 ]
 
 SCHEDULERS = {"llvm": cpu.schedule, "cuda": cuda.schedule}
@@ -57,6 +59,13 @@ SCHEDULERS = {"llvm": cpu.schedule, "cuda": cuda.schedule}
 # nvcc/NVRTC get --use_fast_math from TVM; undo the parts that change results (approximate
 # division would move quantization rounding ties away from the CPU/ONNX reference).
 CUDA_PRECISE_MATH = ["-prec-div=true", "-prec-sqrt=true", "-ftz=false"]
+
+
+def use_dot4(target: tvm.target.Target, activation: str, weight: str, k_pad: int) -> bool:
+    """Whether a layer's int8 weights go in the dot4 layout: uint8 x int8 on a CPU with
+    AVX-512 VNNI (`vpdpbusd` multiplies unsigned by signed bytes)."""
+    return (target.kind.name == "llvm" and (activation, weight) == ("uint8", "int8") and k_pad % DOT4.group == 0
+            and tvm.target.codegen.target_has_features("avx512vnni", target))
 
 
 def schedule(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:

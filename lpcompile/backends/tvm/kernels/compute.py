@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from tvm import te, tirx
 
-from lpcompile.backends.tvm.kernels.packing import INT4, Int4Layout, ceil_div
+from lpcompile.backends.tvm.kernels.packing import DOT4, INT4, Int4Layout, ceil_div
 from lpcompile.errors import TargetError
 
 KERNEL_ATTR = "lpcompile.kernel"
@@ -102,16 +102,20 @@ def quantized_matmul(
     block_size: int | None = None,
     accumulator_only: bool = False,
     layout: Int4Layout = INT4,
+    dot4: bool = False,
 ) -> tirx.PrimFunc:
     """y[m, n] = x[m, k] @ dequant(w)[k, n], with the quantized operands decoded in the kernel.
 
     Parameters, in order: x [m, k] (`activation` dtype); for int8 activations with a tensor
     scale x_scale [1] float32 and x_zero_point [1] of their dtype (int8 / uint8), for per-token ones x_scale [m]; for
-    fp8 activations x_scale [1]; then the weight (int4: uint32 `layout.packed_shape`, others
-    [K_pad, N] of their dtype), w_scale [ceil(K / block), N] float32, and the output y [m, n]
-    float32. `block_size=None` means one block over K (per-channel / per-tensor scales).
-    `accumulator_only` (integer pairs) drops the scales and returns acc [m, blocks, N] int32:
-    the exact integer result, for tests.
+    fp8 activations x_scale [1]; then the weight (int4: uint32 `layout.packed_shape`; int8 with
+    `dot4`: `DOT4.packed_shape` for dot-product instructions; others [K_pad, N] of their dtype),
+    w_scale [ceil(K / block), N] float32, for integer activations with a zero point w_colsum
+    [ceil(K / block), N] int32 (the weights' sums per block: the zero point is applied once per
+    output, sum (x - z) w = sum x w - z sum w, so the inner loop is a plain integer dot product),
+    and the output y [m, n] float32. `block_size=None` means one block over K (per-channel /
+    per-tensor scales). `accumulator_only` (integer pairs) drops the scales and returns
+    acc [m, blocks, N] int32: the exact integer result, for tests.
     """
     pair = PAIRS.get((activation, weight))
     if pair is None:
@@ -142,11 +146,20 @@ def quantized_matmul(
     elif weight in FLOAT8:
         w = te.placeholder((dim(k_pad), n_), weight, name="w")
         decode_f = lambda kk, nn: fp8_to_float32(w[kk, nn], weight)  # noqa: E731
+    elif dot4:
+        if weight != "int8" or k_pad % DOT4.group:
+            raise TargetError(f"the dot4 layout holds int8 weights with K padded to {DOT4.group} (got {weight}, K_pad {k_pad})")
+        w = te.placeholder(tuple(dim(d) for d in DOT4.packed_shape(k_pad, n)), weight, name="w")
+        decode_f = lambda kk, nn: w[nn // DOT4.lanes, kk // DOT4.group, nn % DOT4.lanes, kk % DOT4.group].astype(pair.acc)  # noqa: E731
     else:
         w = te.placeholder((dim(k_pad), n_), weight, name="w")
         decode_f = lambda kk, nn: w[kk, nn].astype(pair.acc)  # noqa: E731
     w_scale = te.placeholder((dim(nb), n_), "float32", name="w_scale")
     inputs += [w, w_scale]
+    w_colsum = None
+    if x_zp is not None:
+        w_colsum = te.placeholder((dim(nb), n_), "int32", name="w_colsum")
+        inputs.append(w_colsum)
     decode = te.compute((dim(k_pad), n_), decode_f, name="decode")
 
     # A symbolic row count is padded to whole ROW_TILEs for the accumulation (the padding rows
@@ -161,8 +174,6 @@ def quantized_matmul(
     def x_value(i, kk):
         i = row(i)
         v = fp8_to_float32(x[i, kk], activation) if activation in FLOAT8 else x[i, kk].astype(pair.acc)
-        if x_zp is not None:
-            v = v - x_zp[0].astype(pair.acc)
         if k_pad != k:  # ragged last block: x has no columns there (the weights are zero)
             v = tirx.if_then_else(kk < k_, v, tirx.const(0, pair.acc))
         return v
@@ -173,13 +184,18 @@ def quantized_matmul(
         lambda i, b, j: te.sum(x_value(i, b * block + r) * decode[b * block + r, j], axis=r),
         name="acc",
     )
+    def acc_value(i, b, j):  # the zero point's share, once per output and block
+        if w_colsum is None:
+            return acc[i, b, j]
+        return acc[i, b, j] - x_zp[0].astype("int32") * w_colsum[b, j]
+
     if accumulator_only:
-        out = acc
+        out = acc if w_colsum is None else te.compute(acc.shape, acc_value, name="acc_zp")
     else:
         rb = te.reduce_axis((dim(0), dim(nb)), name="b")
 
         def y_f(i, j):
-            term = acc[i, rb, j].astype("float32") * w_scale[rb, j]
+            term = acc_value(i, rb, j).astype("float32") * w_scale[rb, j]
             if pair.act_scale == "tensor":
                 term = term * x_scale[0]
             elif pair.act_scale == "row":
@@ -202,6 +218,7 @@ def quantized_matmul(
             "lpcompile.k": k,
             "lpcompile.n": n,
             "lpcompile.block": block,
+            "lpcompile.dot4": dot4,
         }
     )
 

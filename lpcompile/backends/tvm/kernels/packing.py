@@ -120,3 +120,30 @@ def onnx_weight_to_kn(
     k, n = q.shape
     s, block = blocked_scales(scale, k, n, block_size if blocked else None)
     return np.ascontiguousarray(q), s, block
+
+
+@dataclass(frozen=True)
+class Dot4Layout:
+    """8-bit weights for 4-way integer dot-product instructions (x86 VNNI `vpdpbusd`: 16 int32
+    lanes, each the dot product of 4 activation bytes with 4 weight bytes): `[ceil(N / 16), K_pad / 4,
+    16, 4]`, element (k, n) at `[n // 16, k // 4, n % 16, k % 4]`. One 64-byte row holds the 4
+    consecutive k of 16 consecutive outputs: one instruction's weight operand. N is padded with
+    zero outputs, K with zero weights."""
+
+    lanes: int = 16
+    group: int = 4
+
+    def packed_shape(self, k_pad: int, n: int) -> tuple[int, int, int, int]:
+        return (ceil_div(n, self.lanes), k_pad // self.group, self.lanes, self.group)
+
+    def pack(self, q: np.ndarray, k_pad: int) -> np.ndarray:
+        k, n = q.shape
+        if k_pad % self.group or k_pad < k:
+            raise ModelError(f"dot4 layout: K_pad {k_pad} must be a multiple of {self.group} and >= K {k}")
+        tiles = ceil_div(n, self.lanes)
+        full = np.zeros((k_pad, tiles * self.lanes), q.dtype)
+        full[:k, :n] = q
+        return np.ascontiguousarray(full.reshape(k_pad // self.group, self.group, tiles, self.lanes).transpose(2, 0, 3, 1))
+
+
+DOT4 = Dot4Layout()

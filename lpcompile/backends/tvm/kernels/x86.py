@@ -92,3 +92,73 @@ def int4_gemv(func: tirx.PrimFunc) -> tirx.PrimFunc:
                 y[0, T.Ramp(t * INT4.tile + h * LANES, 1, LANES)] = y_acc.vload([h * LANES], "float32x16")
 
     return gemv.with_attrs(dict(attrs.items()) if attrs is not None else {})
+
+
+# --- uint8 x int8 GEMM on AVX-512 VNNI -------------------------------------------------------------
+# TVM 0.27's `tensorize` crashes the process (a segfault, even on the minimal VNNI example of its
+# own intrinsic table), so the `vpdpbusd` micro-kernel is written out like the GEMV above. It
+# computes the arithmetic of `compute.quantized_matmul(m, K, N, weight="int8",
+# activation="uint8", dot4=True)` (per-channel scales: one K block): exact int32 sums, then
+# (float(acc - x_zero_point * w_colsum) * w_scale) * x_scale, the same order, so it is
+# bit-identical to the generic schedule of that definition (a test checks it).
+
+VNNI = "llvm.x86.avx512.vpdpbusd.512"
+ROWS = 4  # rows per micro-tile
+VECS = 4  # 16-lane output vectors per micro-tile: 4 x 4 int32x16 accumulators in registers
+
+
+def applies_dot4(func: tirx.PrimFunc, target: tvm.target.Target) -> bool:
+    attrs = func.attrs
+    if attrs is None or not attrs.get("lpcompile.dot4") or attrs.get("lpcompile.activation") != "uint8":
+        return False
+    if "y" not in [p.name for p in func.params] or "w_colsum" not in [p.name for p in func.params]:
+        return False
+    k, n, block = int(attrs["lpcompile.k"]), int(attrs["lpcompile.n"]), int(attrs["lpcompile.block"])
+    return (block == k and k % 4 == 0 and n % (LANES * VECS) == 0
+            and tvm.target.codegen.target_has_features("avx512vnni", target))
+
+
+def u8s8_dot4_gemm(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """The VNNI GEMM for a dot4 uint8 x int8 definition (rows static or symbolic)."""
+    attrs = func.attrs
+    k, n = int(attrs["lpcompile.k"]), int(attrs["lpcompile.n"])
+    m = func.params[0].shape[0]  # an IntImm or the definition's own symbolic row count
+    kq, tiles = k // 4, n // (LANES * VECS)
+
+    @T.prim_func(private=True)
+    def gemm(
+        x: T.Buffer((m, k), "uint8"),
+        x_scale: T.Buffer((1,), "float32"),
+        x_zero_point: T.Buffer((1,), "uint8"),
+        w: T.Buffer((n // LANES, kq, LANES, 4), "int8"),
+        w_scale: T.Buffer((1, n), "float32"),
+        w_colsum: T.Buffer((1, n), "int32"),
+        y: T.Buffer((m, n), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        for t in T.parallel(tiles):
+            for io in range((m + ROWS - 1) // ROWS):
+                acc = T.decl_buffer((ROWS * VECS,), "int32x16", scope="local")
+                for r in T.unroll(ROWS):
+                    for v in T.unroll(VECS):
+                        acc[r * VECS + v] = T.Broadcast(T.int32(0), LANES)
+                # 16 accumulators; per 4 values of k: 4 weight rows, 4 activation broadcasts
+                for q in range(kq):
+                    for v in T.unroll(VECS):
+                        for r in T.unroll(ROWS):
+                            acc[r * VECS + v] = T.call_llvm_pure_intrin(
+                                "int32x16", T.llvm_lookup_intrinsic_id(VNNI), acc[r * VECS + v],
+                                # 4 activation bytes of the row, broadcast (the tail re-reads the last row)
+                                T.reinterpret("int8x64", T.Broadcast(T.reinterpret("int32", x.vload(
+                                    [T.min(io * ROWS + r, m - 1), q * 4], "uint8x4")), LANES)),
+                                w.vload([t * VECS + v, q, 0, 0], "int8x64"))  # (this LLVM's vpdpbusd takes bytes)
+                for r in T.unroll(ROWS):
+                    if io * ROWS + r < m:
+                        for v in T.unroll(VECS):
+                            y[io * ROWS + r, T.Ramp((t * VECS + v) * LANES, 1, LANES)] = T.Cast(
+                                "float32x16",
+                                acc[r * VECS + v] - T.Broadcast(T.Cast("int32", x_zero_point[0]), LANES)
+                                * w_colsum.vload([0, (t * VECS + v) * LANES], "int32x16"),
+                            ) * w_scale.vload([0, (t * VECS + v) * LANES], "float32x16") * T.Broadcast(x_scale[0], LANES)
+
+    return gemm.with_attrs(dict(attrs.items()) if attrs is not None else {})
