@@ -23,6 +23,7 @@ tvm = pytest.importorskip("tvm")
 from lpcompile.backends.tvm.kernels import (  # noqa: E402
     DOT4,
     INT4,
+    NIB8,
     build,
     cuda_binary,
     onnx_weight_to_kn,
@@ -351,6 +352,32 @@ def test_vnni_gemm_is_the_compute_definition(m):
     np.testing.assert_array_equal(outs[0], outs[1])
     exact = ((xq.astype(np.int64) - 131) @ wq.astype(np.int64)).astype(np.float32)
     np.testing.assert_allclose(outs[0], exact * args[4] * np.float32(0.02), rtol=1e-6)
+
+
+@pytest.mark.parametrize("m", [1, 3, 32, None])
+def test_vnni_w4a8_is_the_compute_definition(m):
+    """The hand-written AVX-512 VNNI int8 x int4 kernel (W4A8 / W4A4: per-token int8 codes,
+    NIB8-packed weights biased to unsigned nibbles) against the generic schedule of the same
+    definition, bit for bit, and against the exact integer result."""
+    if not tvm.target.codegen.target_has_features("avx512vnni", TARGET):
+        pytest.skip("needs AVX-512 VNNI")
+    k, n, block = 384, 128, 128
+    rows_ = 7 if m is None else m
+    rng = np.random.default_rng(rows_ + 1)
+    xq = rng.integers(-128, 128, (rows_, k)).astype(np.int8)
+    wq = rng.integers(-8, 8, (k, n)).astype(np.int8)
+    xs = rng.uniform(0.01, 0.02, rows_).astype(np.float32)
+    ws = rng.uniform(0.01, 0.02, (k // block, n)).astype(np.float32)
+    func = quantized_matmul(m, k, n, weight="int4", activation="int8", block_size=block, dot4=True)
+    assert x86.applies_w4a8(func, TARGET)
+    hand = build(func, TARGET)
+    assert "vpdpbusd" in hand.mod.inspect_source("asm")
+    generic = tvm.compile(tvm.IRModule({"main": cpu.schedule(func, TARGET, generic_only=True)}), target=TARGET)
+    outs = [run(f["main"], xq, xs, NIB8.pack(wq, k), ws, out_shape=(rows_, n)) for f in (hand, generic)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    exact = sum((xq[:, b * block:(b + 1) * block].astype(np.int64) @ wq[b * block:(b + 1) * block].astype(np.int64))
+                .astype(np.float32) * ws[b] for b in range(k // block)) * xs[:, None]
+    np.testing.assert_allclose(outs[0], exact, rtol=1e-5, atol=1e-6)
 
 
 # --- fp8 x fp8 ----------------------------------------------------------------------------------------

@@ -468,7 +468,9 @@ def _lower_linear(ctx: _Context, a: relax.Expr, b: relax.Expr, *, transposed: bo
     pair = K.PAIRS.get((act.dtype, kind)) if act is not None else None
     native = act is not None and pair is not None and pair.act_scale == act.kind
     dot4 = native and K.use_dot4(ctx.target, act.dtype, kind, k_pad)
-    if kind == "int4":
+    if kind == "int4" and dot4:
+        packed = K.NIB8.pack(q_kn.astype(np.int8), k_pad)
+    elif kind == "int4":
         packed = K.INT4.pack(q_kn.astype(np.int8), k_pad)
     elif dot4:
         packed = K.DOT4.pack(q_kn, k_pad)

@@ -27,7 +27,7 @@ from lpcompile.backends.tvm.kernels.compute import (
     quantize_tensor,
     quantized_matmul,
 )
-from lpcompile.backends.tvm.kernels.packing import BLOCK, DOT4, INT4, Int4Layout, blocked_scales, onnx_weight_to_kn
+from lpcompile.backends.tvm.kernels.packing import BLOCK, DOT4, INT4, NIB8, Int4Layout, blocked_scales, onnx_weight_to_kn
 from lpcompile.backends.tvm.target import FP8_MIN_SM, supports_fp8
 from lpcompile.errors import TargetError
 
@@ -36,6 +36,7 @@ __all__ = [
     "DOT4",
     "FLOAT8",
     "INT4",
+    "NIB8",
     "KERNEL_ATTR",
     "PAIRS",
     "CUDA_PRECISE_MATH",
@@ -62,9 +63,11 @@ CUDA_PRECISE_MATH = ["-prec-div=true", "-prec-sqrt=true", "-ftz=false"]
 
 
 def use_dot4(target: tvm.target.Target, activation: str, weight: str, k_pad: int) -> bool:
-    """Whether a layer's int8 weights go in the dot4 layout: uint8 x int8 on a CPU with
-    AVX-512 VNNI (`vpdpbusd` multiplies unsigned by signed bytes)."""
-    return (target.kind.name == "llvm" and (activation, weight) == ("uint8", "int8") and k_pad % DOT4.group == 0
+    """Whether a layer's weights go in a dot-product layout for a CPU with AVX-512 VNNI
+    (`vpdpbusd` multiplies unsigned by signed bytes): uint8 x int8 (DOT4), int8 x int4 (NIB8,
+    the weights biased to unsigned)."""
+    group = {("uint8", "int8"): DOT4.group, ("int8", "int4"): NIB8.group}.get((activation, weight))
+    return (target.kind.name == "llvm" and group is not None and k_pad % group == 0
             and tvm.target.codegen.target_has_features("avx512vnni", target))
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from tvm import te, tirx
 
-from lpcompile.backends.tvm.kernels.packing import DOT4, INT4, Int4Layout, ceil_div
+from lpcompile.backends.tvm.kernels.packing import DOT4, INT4, NIB8, Int4Layout, ceil_div
 from lpcompile.errors import TargetError
 
 KERNEL_ATTR = "lpcompile.kernel"
@@ -109,7 +109,8 @@ def quantized_matmul(
     Parameters, in order: x [m, k] (`activation` dtype); for int8 activations with a tensor
     scale x_scale [1] float32 and x_zero_point [1] of their dtype (int8 / uint8), for per-token ones x_scale [m]; for
     fp8 activations x_scale [1]; then the weight (int4: uint32 `layout.packed_shape`; int8 with
-    `dot4`: `DOT4.packed_shape` for dot-product instructions; others [K_pad, N] of their dtype),
+    `dot4`: `DOT4.packed_shape` for dot-product instructions, and int4 with `dot4` and int8
+    activations: uint8 `NIB8.packed_shape`; others [K_pad, N] of their dtype),
     w_scale [ceil(K / block), N] float32, for integer activations with a zero point w_colsum
     [ceil(K / block), N] int32 (the weights' sums per block: the zero point is applied once per
     output, sum (x - z) w = sum x w - z sum w, so the inner loop is a plain integer dot product),
@@ -140,7 +141,15 @@ def quantized_matmul(
         x_scale = te.placeholder((m_,), "float32", name="x_scale")
         inputs.append(x_scale)
 
-    if weight == "int4":
+    if weight == "int4" and dot4:
+        if activation != "int8" or k_pad % NIB8.group:
+            raise TargetError(f"the nibble8 layout serves int8 activations with K padded to {NIB8.group}")
+        w = te.placeholder(tuple(dim(d) for d in NIB8.packed_shape(k_pad, n)), "uint8", name="w")
+
+        def decode_f(kk, nn):
+            byte = w[nn // NIB8.lanes, kk // NIB8.group, nn % NIB8.lanes, kk % 4].astype("int32")
+            return ((byte >> (kk % NIB8.group // 4 * 4)) & 15) - 8
+    elif weight == "int4":
         w = te.placeholder(tuple(dim(d) for d in layout.packed_shape(k_pad, n)), "uint32", name="w")
         decode_f = _decode_int4(w, layout, pair.acc)
     elif weight in FLOAT8:

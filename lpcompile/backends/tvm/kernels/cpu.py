@@ -185,4 +185,4 @@ def schedule(func: tirx.PrimFunc, target: tvm.target.Target, generic_only: bool 
     return SCHEDULES[str(_attr(func, KERNEL_ATTR))](func)
 
 
-SPECIALISED = [(x86.applies, x86.int4_gemv), (x86.applies_dot4, x86.u8s8_dot4_gemm)]
+SPECIALISED = [(x86.applies, x86.int4_gemv), (x86.applies_dot4, x86.u8s8_dot4_gemm), (x86.applies_w4a8, x86.w4a8_dot4_gemm)]

@@ -147,3 +147,34 @@ class Dot4Layout:
 
 
 DOT4 = Dot4Layout()
+
+
+@dataclass(frozen=True)
+class Nibble8Layout:
+    """int4 weights for `vpdpbusd` with int8 activations (W4A8): `[ceil(N / 16), K_pad / 8, 16, 4]`
+    uint8, byte (t, q, l, j) = u(k = 8q + j) | u(k = 8q + 4 + j) << 4 for output n = 16t + l, where
+    u = w + 8 in [0, 15] (unsigned, as the instruction's first operand must be: sum u x =
+    sum w x + 8 sum x, the kernel subtracts 8 sum x). One 64-byte row is two instructions' weight
+    operands (low nibbles: k 8q..8q+3; high: 8q+4..8q+7), unpacked with an AND and a shift."""
+
+    lanes: int = 16
+    group: int = 8
+
+    def packed_shape(self, k_pad: int, n: int) -> tuple[int, int, int, int]:
+        return (ceil_div(n, self.lanes), k_pad // self.group, self.lanes, 4)
+
+    def pack(self, q: np.ndarray, k_pad: int) -> np.ndarray:
+        k, n = q.shape
+        if k_pad % self.group or k_pad < k:
+            raise ModelError(f"nibble8 layout: K_pad {k_pad} must be a multiple of {self.group} and >= K {k}")
+        if q.size and (q.min() < -8 or q.max() > 7):
+            raise ModelError("int4 weights out of range [-8, 7]")
+        tiles = ceil_div(n, self.lanes)
+        u = np.full((k_pad, tiles * self.lanes), 8, np.uint8)  # padding: value 0
+        u[:k, :n] = (q.astype(np.int16) + 8).astype(np.uint8)
+        u = u.reshape(k_pad // 8, 2, 4, tiles, self.lanes)  # [q, half, j, t, l]
+        packed = u[:, 0] | (u[:, 1] << 4)  # [q, j, t, l]
+        return np.ascontiguousarray(packed.transpose(2, 0, 3, 1))
+
+
+NIB8 = Nibble8Layout()

@@ -162,3 +162,83 @@ def u8s8_dot4_gemm(func: tirx.PrimFunc) -> tirx.PrimFunc:
                             ) * w_scale.vload([0, (t * VECS + v) * LANES], "float32x16") * T.Broadcast(x_scale[0], LANES)
 
     return gemm.with_attrs(dict(attrs.items()) if attrs is not None else {})
+
+
+# --- int8 (per token) x int4 GEMM/GEMV on AVX-512 VNNI (W4A8, W4A4) --------------------------------
+# The arithmetic of `compute.quantized_matmul(m, K, N, weight="int4", activation="int8",
+# block_size=B, dot4=True)`: per K block the exact int32 sum of x * w, then
+# y = sum over blocks of (float(acc_b) * w_scale[b]) * x_scale[row], in that order (bit-identical
+# to the generic schedule; a test checks it). The weights come biased to unsigned nibbles (NIB8):
+# vpdpbusd(acc, u, x) sums u * x = (w + 8) * x, and 8 * sum(x), accumulated alongside with a vector
+# of ones, is taken out per block.
+
+
+def applies_w4a8(func: tirx.PrimFunc, target: tvm.target.Target) -> bool:
+    attrs = func.attrs
+    if attrs is None or not attrs.get("lpcompile.dot4") or attrs.get("lpcompile.weight") != "int4":
+        return False
+    if "y" not in [p.name for p in func.params]:
+        return False
+    k, n, block = int(attrs["lpcompile.k"]), int(attrs["lpcompile.n"]), int(attrs["lpcompile.block"])
+    return (k % block == 0 and block % 8 == 0 and n % (LANES * VECS) == 0
+            and tvm.target.codegen.target_has_features("avx512vnni", target))
+
+
+def w4a8_dot4_gemm(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """The VNNI GEMM (and GEMV: one row) for an int8 x int4 NIB8 definition."""
+    attrs = func.attrs
+    k, n, block = int(attrs["lpcompile.k"]), int(attrs["lpcompile.n"]), int(attrs["lpcompile.block"])
+    m = func.params[0].shape[0]
+    nb, qb, tiles = k // block, block // 8, n // (LANES * VECS)
+    rows = ROWS if not isinstance(m, tirx.IntImm) or int(m) >= ROWS else int(m)
+
+    @T.prim_func(private=True)
+    def gemm(
+        x: T.Buffer((m, k), "int8"),
+        x_scale: T.Buffer((m,), "float32"),
+        w: T.Buffer((n // LANES, k // 8, LANES, 4), "uint8"),
+        w_scale: T.Buffer((nb, n), "float32"),
+        y: T.Buffer((m, n), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        for t in T.parallel(tiles):
+            for io in range((m + rows - 1) // rows):
+                y_acc = T.decl_buffer((rows * VECS,), "float32x16", scope="local")
+                acc = T.decl_buffer((rows * VECS,), "int32x16", scope="local")
+                xsum = T.decl_buffer((rows,), "int32x16", scope="local")
+                for i in T.unroll(rows * VECS):
+                    y_acc[i] = T.Broadcast(T.float32(0), LANES)
+                for b in range(nb):
+                    for i in T.unroll(rows * VECS):
+                        acc[i] = T.Broadcast(T.int32(0), LANES)
+                    for r in T.unroll(rows):
+                        xsum[r] = T.Broadcast(T.int32(0), LANES)
+                    for q in range(qb):
+                        for h in T.unroll(2):  # low nibbles: k 8q..8q+3, high: 8q+4..8q+7
+                            for r in T.unroll(rows):
+                                # 4 activations of the row, broadcast (the tail re-reads the last row)
+                                xsum[r] = T.call_llvm_pure_intrin(
+                                    "int32x16", T.llvm_lookup_intrinsic_id(VNNI), xsum[r],
+                                    T.Broadcast(T.uint8(1), 64),
+                                    T.reinterpret("int8x64", T.Broadcast(T.reinterpret("int32", x.vload(
+                                        [T.min(io * rows + r, m - 1), (b * qb + q) * 8 + h * 4], "int8x4")), LANES)))
+                                for v in T.unroll(VECS):
+                                    acc[r * VECS + v] = T.call_llvm_pure_intrin(
+                                        "int32x16", T.llvm_lookup_intrinsic_id(VNNI), acc[r * VECS + v],
+                                        T.bitwise_and(T.shift_right(w.vload([t * VECS + v, b * qb + q, 0, 0], "uint8x64"),
+                                                                    T.Broadcast(T.uint8(4 * h), 64)),
+                                                      T.Broadcast(T.uint8(15), 64)),
+                                        T.reinterpret("int8x64", T.Broadcast(T.reinterpret("int32", x.vload(
+                                            [T.min(io * rows + r, m - 1), (b * qb + q) * 8 + h * 4], "int8x4")), LANES)))
+                    for r in T.unroll(rows):
+                        for v in T.unroll(VECS):
+                            y_acc[r * VECS + v] = y_acc[r * VECS + v] + T.Cast(
+                                "float32x16", acc[r * VECS + v] - xsum[r] * T.Broadcast(8, LANES)
+                            ) * w_scale.vload([b, (t * VECS + v) * LANES], "float32x16") * T.Broadcast(
+                                x_scale[T.min(io * rows + r, m - 1)], LANES)
+                for r in T.unroll(rows):
+                    if io * rows + r < m:
+                        for v in T.unroll(VECS):
+                            y[io * rows + r, T.Ramp((t * VECS + v) * LANES, 1, LANES)] = y_acc[r * VECS + v]
+
+    return gemm.with_attrs(dict(attrs.items()) if attrs is not None else {})
