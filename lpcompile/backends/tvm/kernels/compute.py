@@ -252,6 +252,89 @@ def quantize_rows(m: int | tirx.PrimExpr | None, k: int, dtype: str = "int8") ->
     return te.create_prim_func([x, q, scale]).with_attr({KERNEL_ATTR: "quantize_rows"})
 
 
+# --- the online Hadamard transform (`ai.lpcompile::Hadamard`) ---------------------------------
+
+RADIX = 16  # the lowest log2(RADIX) butterfly stages are done as one radix-16 step
+
+
+def hadamard_transform(
+    rows: int | tirx.PrimExpr | None, n: int, *, sylvester: int, dense: int = 1, signs: bool = False
+) -> tirx.PrimFunc:
+    """y = (x ⊙ signs) · diag(H, ..., H) over the last axis of x [rows, n], H = A ⊗ S_t / √t,
+    with S_t the ±1 Sylvester matrix of order t = `sylvester` (a power of two) and A a dense
+    `dense` × `dense` matrix (the orthonormal Paley factor; dense = 1: none); block m·t divides n.
+
+    Viewed as [n / (m·t), m, t], a block X becomes Aᵀ · X · S_t / √t. X · S_t is a fast
+    Walsh–Hadamard transform of each contiguous t-group, in log2(t) butterfly stages:
+
+        radix[j]       = Σ_q S_r[q, j mod r] · x[r⌊j/r⌋ + q] · signs · 1/√t   (r = min(16, t): the
+                         low log2 r stages at once, a 16-point transform in vector registers)
+        butterfly_k[j] = prev[j ± h] ± prev[j]        h = r·2^k: a + b on the low half of each
+                         2h-span, a − b on the high half (both operands in bounds, no branches)
+        mix[j]         = Σ_q a_t[p, q] · z[(block·m + q)·t + j mod t]    p = ⌊j/t⌋ mod m
+
+    O(n log t + n·m) per row instead of O(n²). Parameters in order: x [rows, n] float32,
+    signs [n] (if `signs`), a_t = Aᵀ [m, m] (if m > 1), y [rows, n]. The stages are blocks named
+    "radix", "butterfly0", ..., "mix" (the last one writes y), which the schedules rely on.
+    """
+    t, m = sylvester, dense
+    if t < 1 or t & (t - 1) or m < 1 or n % (m * t):
+        raise TargetError(f"hadamard_transform: need t a power of two and m·t | n (n={n}, m={m}, t={t})")
+    rows_, n_ = dim(rows), dim(n)
+    x = te.placeholder((rows_, n_), "float32", name="x")
+    params = [x]
+    sg = at = None
+    if signs:
+        sg = te.placeholder((n_,), "float32", name="signs")
+        params.append(sg)
+    if m > 1:
+        at = te.placeholder((dim(m), dim(m)), "float32", name="a_t")
+        params.append(at)
+    r = min(RADIX, t)
+    scale = tirx.const(1.0 / t**0.5, "float32")
+
+    def x_value(i, j):
+        return x[i, j] * sg[j] if sg is not None else x[i, j]
+
+    q = te.reduce_axis((dim(0), dim(r)), name="q")
+    z = te.compute(
+        (rows_, n_),
+        lambda i, j: te.sum(_walsh_sign(q, j % r, r) * scale * x_value(i, j // r * r + q), axis=q),
+        name="radix",
+    )
+    h, k = r, 0
+    while h < t:
+        z = te.compute((rows_, n_), _butterfly(z, h), name=f"butterfly{k}")
+        h, k = 2 * h, k + 1
+    if m > 1:
+        qa = te.reduce_axis((dim(0), dim(m)), name="qa")
+        mt, z_in = m * t, z
+        z = te.compute(
+            (rows_, n_),
+            lambda i, j: te.sum(at[j // t % m, qa] * z_in[i, j // mt * mt + qa * t + j % t], axis=qa),
+            name="mix",
+        )
+    func = te.create_prim_func([*params, z])
+    return func.with_attr({KERNEL_ATTR: "hadamard", "lpcompile.n": n, "lpcompile.dense": m, "lpcompile.sylvester": t})
+
+
+def _walsh_sign(q, p, r: int):
+    """S_r[q, p] = (−1)^popcount(q & p) as float32 (constant once q and p are unrolled/lanes)."""
+    b = q & p
+    parity = b & 1
+    for s in range(1, r.bit_length() - 1):
+        parity = parity ^ ((b >> s) & 1)
+    return (1 - 2 * parity).astype("float32")
+
+
+def _butterfly(prev: te.Tensor, h: int):
+    def f(i, j):
+        high = j // h % 2  # 0: a + b (partner j + h), 1: a − b (partner j − h)
+        return prev[i, j + h - 2 * h * high] + (1 - 2 * high).astype("float32") * prev[i, j]
+
+    return f
+
+
 def _saturate_int(v, lo: int, hi: int, dtype: str):
     return tirx.max(tirx.min(v, tirx.const(float(hi), "float32")), tirx.const(float(lo), "float32")).astype(dtype)
 

@@ -17,11 +17,12 @@ from tvm import tirx
 from tvm.s_tir import Schedule
 
 from lpcompile.backends.tvm.kernels import x86
-from lpcompile.backends.tvm.kernels.compute import KERNEL_ATTR, has_block
+from lpcompile.backends.tvm.kernels.compute import KERNEL_ATTR, RADIX, has_block
 
 K_UNROLL = 4
 M_TILE = 4
 N_SUB = 64
+LANES = 16  # fp32 lanes of an AVX-512 vector
 
 
 def _attr(func: tirx.PrimFunc, key: str):
@@ -154,7 +155,64 @@ def schedule_quantize_rows(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return sch.mod["main"]
 
 
+def hadamard_stages(sch: Schedule) -> list[str]:
+    """The stage blocks of a `compute.hadamard_transform`, first to last (the last writes y)."""
+    names = ["radix"] + [f"butterfly{k}" for k in range(32) if has_block(sch, f"butterfly{k}")]
+    return names + (["mix"] if has_block(sch, "mix") else [])
+
+
+def schedule_hadamard(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """Rows in parallel; per row every stage is computed into a row buffer (L1/L2-resident) and
+    vectorized over 16 contiguous lanes: the radix-16 step as 16 FMAs of a broadcast input with a
+    constant ±1 lane vector, each butterfly stage as contiguous vector adds (the ± half of a
+    2h-span is a loop index, unrolled), the dense factor as a register-blocked small matmul
+    (4 output groups × t lanes accumulate in registers over q)."""
+    t, m = int(_attr(func, "lpcompile.sylvester")), int(_attr(func, "lpcompile.dense"))
+    lanes = min(t, LANES)
+    sch = Schedule(func)
+    names = hadamard_stages(sch)
+    row = sch.get_loops(sch.get_sblock(names[-1]))[0]
+    sch.parallel(row)
+    for name in reversed(names[:-1]):
+        block = sch.get_sblock(name)
+        sch.compute_at(block, row)
+        sch.set_scope(block, 0, "local")
+    r = min(t, RADIX)
+    for name in names:
+        block = sch.get_sblock(name)
+        if name == "radix":
+            if r == 1:  # no Sylvester factor (blocks 12, 20, ...): a scaled copy
+                continue
+            j, q = sch.get_loops(block)[-2:]
+            jo, jl = sch.split(j, [None, r])
+            sch.reorder(jo, q, jl)
+            sch.unroll(q)
+            sch.vectorize(jl)
+            sch.decompose_reduction(block, q)
+        elif name == "mix":
+            out = sch.cache_write(block, 0, "local")
+            j, q = sch.get_loops(block)[-2:]
+            group, jj = sch.split(j, [None, t])
+            tile = next(d for d in (4, 2, 1) if m % d == 0)
+            go, gi = sch.split(group, [None, tile])
+            jo, jl = sch.split(jj, [None, lanes])
+            sch.reorder(go, q, gi, jo, jl)
+            sch.unroll(gi)
+            sch.unroll(jo)
+            sch.vectorize(jl)
+            sch.reverse_compute_at(out, go)
+            sch.vectorize(sch.split(sch.get_loops(out)[-1], [None, lanes])[1])
+            sch.decompose_reduction(block, q)
+        else:
+            h = r << int(name.removeprefix("butterfly"))
+            _, half, jl = sch.split(sch.get_loops(block)[-1], [None, 2, h])
+            sch.unroll(half)
+            sch.vectorize(sch.split(jl, [None, LANES])[1])
+    return sch.mod["main"]
+
+
 SCHEDULES = {
+    "hadamard": schedule_hadamard,
     "quantized_matmul": schedule_matmul,
     "quantize_tensor": schedule_quantize_tensor,
     "quantize_rows": schedule_quantize_rows,
