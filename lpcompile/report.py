@@ -204,7 +204,7 @@ def _rotation_section(rot: dict | None) -> list[str]:
         lines += ["| site | where | linears | status | how / why not |", "|---|---|---|---|---|"]
         for kind, where, layers, e in sites:
             how = e.get("rotation") if e.get("status") in ("folded", "online") else e.get("reason")
-            lines.append(f"| {kind} | {where} | {', '.join(map(str, layers)) or '-'} | {e.get('status', '?')} | {how or ''} |")
+            lines.append(f"| {kind} | {where} | {_names(layers)} | {e.get('status', '?')} | {how or ''} |")
     else:
         lines.append("Nothing was rotated or considered.")
     outliers = rot.get("outliers")
@@ -226,6 +226,12 @@ def _rotation_line(rot: dict | None) -> str:
     counters = rot.get("counters") or {}
     done = ", ".join(f"{k} {v}" for k, v in counters.items()) or "nothing rotated"
     return f"- rotation ({rot['mode']}): {done} (details: report.json `rotate`)"
+
+
+def _names(names: list, shown: int = 3) -> str:
+    names = [str(n) for n in names]
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return (", ".join(names[:shown]) + more) or "-"
 
 
 def _fmt(x, digits: int = 2) -> str:
