@@ -453,6 +453,7 @@ def cuda_kernels(fp8: bool) -> dict:
         "hadamard_1536": hadamard_transform(None, 1536, sylvester=128, dense=12, signs=True),
         "hadamard_4096": hadamard_transform(None, 4096, sylvester=4096),
         "hadamard_11008": hadamard_transform(None, 11008, sylvester=32, dense=344, signs=True),
+        "hadamard_heads": hadamard_transform(None, 384, sylvester=1, dense=12, inner=32),  # across 12 heads
     }
     if fp8:
         for dt in ("float8_e4m3fn", "float8_e5m2"):

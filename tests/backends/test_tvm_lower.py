@@ -257,22 +257,26 @@ def test_quantized_embedding_gather_stays_low_bit_and_matches_ort(dtype, axis, b
 # --- the online Hadamard op: fast Walsh–Hadamard kernel vs the ONNX function in onnxruntime -------
 
 
-def hadamard_model(n: int, block: int, *, signs: bool, inverse: bool = False, s=None) -> onnx.ModelProto:
+def hadamard_model(n: int, block, *, signs: bool, inverse: bool = False, s=None) -> onnx.ModelProto:
     """y = Hadamard(x ⊙ signs, a, s) with the rotate pass's factors (`kron_factors(block)`, or
-    their transposes), as the model-local ONNX function the pass registers."""
+    for block = (heads, width) its cross-head factors H_heads and I_width; or their transposes),
+    as the model-local ONNX function the pass registers."""
     import onnx_ir as ir
 
-    from lpcompile.ir.hadamard import hadamard_function, kron_factors
+    from lpcompile.ir.hadamard import hadamard, hadamard_function, kron_factors
 
     holder = ir.Model(ir.Graph([], [], nodes=[], opset_imports={"": 21}), ir_version=10)
     function = ir.serde.serialize_function(hadamard_function(holder))
-    a, s_ = kron_factors(block, np.float32)
+    if isinstance(block, tuple):
+        a, s_ = hadamard(block[0], np.float32), np.eye(block[1], dtype=np.float32)
+    else:
+        a, s_ = kron_factors(block, np.float32)
     if inverse:
         a, s_ = np.ascontiguousarray(a.T), np.ascontiguousarray(s_.T)
     inits = [numpy_helper.from_array(a, "a"), numpy_helper.from_array(s_ if s is None else s, "s")]
     nodes, x = [], "x"
     if signs:
-        sg = np.random.default_rng(n + block).choice([-1.0, 1.0], n).astype(np.float32)
+        sg = np.random.default_rng(n).choice([-1.0, 1.0], n).astype(np.float32)
         inits.append(numpy_helper.from_array(sg, "signs"))
         nodes.append(helper.make_node("Mul", ["x", "signs"], ["xs"]))
         x = "xs"
@@ -300,6 +304,9 @@ def hadamard_model(n: int, block: int, *, signs: bool, inverse: bool = False, s=
         (96, 48, True, False),  # paley1(12) ⊗ 4: fewer than 16 lanes
         (96, 12, True, False),  # no Sylvester factor at all
         (11008, 11008, True, False),  # LLaMA-7B MLP: paley1(344) ⊗ 32
+        (384, (12, 32), False, False),  # across 12 heads of 32 (rotate's cross_head): paley1(12) ⊗ I32
+        (384, (12, 32), False, True),
+        (1024, (8, 64), False, False),  # across 8 heads of 64: sylvester(8) ⊗ I64, butterflies from h = 64
     ],
 )
 def test_hadamard_fast_kernel_matches_ort(n, block, signs, inverse):
@@ -325,7 +332,7 @@ def test_hadamard_without_sylvester_factor_falls_back_to_dense_factors():
     model = hadamard_model(384, 384, signs=True, s=q.astype(np.float32))
     mod, report = from_onnx(model, TARGET)
     assert report.fired["Hadamard[dense factors]"] == 1 and not report.fired["Hadamard[fwht]"]
-    assert any("not the orthonormal Sylvester" in r for r in report.refused), report.refused
+    assert any("neither the orthonormal Sylvester matrix nor an identity" in r for r in report.refused), report.refused
     ex = tvm.compile(mod, target=TARGET)
     x = np.random.default_rng(1).standard_normal((2, 3, 384)).astype(np.float32)
     assert_close(run_vm(ex, x), ort_run(model, {"x": x})[0], rtol=1e-5, atol=2e-6)

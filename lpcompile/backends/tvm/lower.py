@@ -273,7 +273,8 @@ class Hadamard(ox.OnnxOpConverter):
     """`ai.lpcompile::Hadamard(x, a, s)`: x · diag(a⊗s, ...) over the last axis.
 
     With constant factors where s is the orthonormal Sylvester matrix (what the rotate pass
-    writes, `kron_factors`): one call_tir to the fast Walsh–Hadamard kernel
+    writes, `kron_factors`) or an identity (its cross-head transform, a ⊗ I): one call_tir to
+    the fast Walsh–Hadamard kernel
     (`hadamard_transform`: O(n log t) butterflies, then the small dense factor a; a Sylvester a
     joins the butterflies), with a preceding per-channel constant multiply (the randomized
     Hadamard's sign flips) fused into it. Anything else: aᵀ·X·s on each block viewed as
@@ -319,19 +320,22 @@ def _fast_hadamard(ctx: _Context, x, a, s) -> relax.Expr | None:
     if str(ty.dtype) != "float32" or n is None or a_np.ndim != 2 or s_np.ndim != 2 or n % (m * t):
         ctx.report.refuse("Hadamard", "needs float32 x with a static last dimension divisible by the block: dense factors instead")
         return None
-    if t & (t - 1) or not np.allclose(s_np, hadamard(t), atol=1e-6):
-        ctx.report.refuse("Hadamard", "s is not the orthonormal Sylvester matrix: dense factors instead")
+    sylvester_a = not m & (m - 1) and np.allclose(a_np, hadamard(m), atol=1e-6)
+    if np.array_equal(s_np, np.eye(t)):  # a ⊗ I_t: across heads of t channels (rotate's cross_head)
+        m, t, u = (1, m, t) if sylvester_a else (m, 1, t)
+    elif not t & (t - 1) and np.allclose(s_np, hadamard(t), atol=1e-6):
+        m, t, u = (1, m * t, 1) if sylvester_a else (m, t, 1)  # Sylvester ⊗ Sylvester joins the butterflies
+    else:
+        ctx.report.refuse("Hadamard", "s is neither the orthonormal Sylvester matrix nor an identity: dense factors instead")
         return None
-    if not m & (m - 1) and np.allclose(a_np, hadamard(m), atol=1e-6):  # Sylvester ⊗ Sylvester
-        m, t = 1, m * t
     bb = ctx.bb
     x, signs = _channel_scale(bb, x, n)
     x2, rows, shape = _flatten_rows(bb, x)
     args = [x2] + ([relax.const(signs)] if signs is not None else [])
     if m > 1:
         args.append(relax.const(np.ascontiguousarray(a_np.T).astype(np.float32)))
-    key = ("hadamard", n, m, t, "signs" if signs is not None else "plain")
-    gv = ctx.kernel(key, lambda: K.hadamard_transform(None, n, sylvester=t, dense=m, signs=signs is not None))
+    key = ("hadamard", n, m, t, u, "signs" if signs is not None else "plain")
+    gv = ctx.kernel(key, lambda: K.hadamard_transform(None, n, sylvester=t, dense=m, inner=u, signs=signs is not None))
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType([rows, n], "float32")))
     return y if len(shape) == 2 else bb.emit(relax.op.reshape(y, shape))
 

@@ -258,28 +258,39 @@ RADIX = 16  # the lowest log2(RADIX) butterfly stages are done as one radix-16 s
 
 
 def hadamard_transform(
-    rows: int | tirx.PrimExpr | None, n: int, *, sylvester: int, dense: int = 1, signs: bool = False
+    rows: int | tirx.PrimExpr | None,
+    n: int,
+    *,
+    sylvester: int,
+    dense: int = 1,
+    inner: int = 1,
+    signs: bool = False,
 ) -> tirx.PrimFunc:
-    """y = (x ⊙ signs) · diag(H, ..., H) over the last axis of x [rows, n], H = A ⊗ S_t / √t,
-    with S_t the ±1 Sylvester matrix of order t = `sylvester` (a power of two) and A a dense
-    `dense` × `dense` matrix (the orthonormal Paley factor; dense = 1: none); block m·t divides n.
+    """y = (x ⊙ signs) · diag(H, ..., H) over the last axis of x [rows, n], H = A ⊗ S_t/√t ⊗ I_u,
+    with S_t the ±1 Sylvester matrix of order t = `sylvester` (a power of two), A a dense
+    `dense` × `dense` matrix (the orthonormal Paley factor; dense = 1: none) and I_u an identity
+    of order u = `inner` (u > 1: the transform across attention heads of u channels each);
+    the block m·t·u divides n.
 
-    Viewed as [n / (m·t), m, t], a block X becomes Aᵀ · X · S_t / √t. X · S_t is a fast
-    Walsh–Hadamard transform of each contiguous t-group, in log2(t) butterfly stages:
+    Viewed as [n / (m·t·u), m, t, u], a block X becomes Aᵀ · X · S_t / √t on the (m, t) axes for
+    every u-channel. X · S_t is a fast Walsh–Hadamard transform in log2(t) butterfly stages:
 
-        radix[j]       = Σ_q S_r[q, j mod r] · x[r⌊j/r⌋ + q] · signs · 1/√t   (r = min(16, t): the
-                         low log2 r stages at once, a 16-point transform in vector registers)
-        butterfly_k[j] = prev[j ± h] ± prev[j]        h = r·2^k: a + b on the low half of each
-                         2h-span, a − b on the high half (both operands in bounds, no branches)
-        mix[j]         = Σ_q a_t[p, q] · z[(block·m + q)·t + j mod t]    p = ⌊j/t⌋ mod m
+        radix[j]       = Σ_q S_r[q, j mod r] · x[r⌊j/r⌋ + q] · signs · 1/√t   (u = 1, r = min(16, t):
+                         the low log2 r stages at once, a 16-point transform in vector registers;
+                         u > 1: x · signs / √t)
+        butterfly_k[j] = prev[j ± h] ± prev[j]        h = r·2^k (u > 1: u·2^k): a + b on the low
+                         half of each 2h-span, a − b on the high half (operands in bounds, no
+                         branches)
+        mix[j]         = Σ_q a_t[p, q] · z[(block·m + q)·tu + j mod tu]    tu = t·u, p = ⌊j/tu⌋ mod m
 
     O(n log t + n·m) per row instead of O(n²). Parameters in order: x [rows, n] float32,
     signs [n] (if `signs`), a_t = Aᵀ [m, m] (if m > 1), y [rows, n]. The stages are blocks named
-    "radix", "butterfly0", ..., "mix" (the last one writes y), which the schedules rely on.
+    "radix", "butterfly0", ..., "mix" (the last one writes y), which the schedules rely on;
+    attribute `lpcompile.span` is the first butterfly's h.
     """
-    t, m = sylvester, dense
-    if t < 1 or t & (t - 1) or m < 1 or n % (m * t):
-        raise TargetError(f"hadamard_transform: need t a power of two and m·t | n (n={n}, m={m}, t={t})")
+    t, m, u = sylvester, dense, inner
+    if t < 1 or t & (t - 1) or m < 1 or u < 1 or n % (m * t * u):
+        raise TargetError(f"hadamard_transform: need t a power of two and m·t·u | n (n={n}, m={m}, t={t}, u={u})")
     rows_, n_ = dim(rows), dim(n)
     x = te.placeholder((rows_, n_), "float32", name="x")
     params = [x]
@@ -290,32 +301,38 @@ def hadamard_transform(
     if m > 1:
         at = te.placeholder((dim(m), dim(m)), "float32", name="a_t")
         params.append(at)
-    r = min(RADIX, t)
+    r = min(RADIX, t) if u == 1 else 1
     scale = tirx.const(1.0 / t**0.5, "float32")
 
     def x_value(i, j):
         return x[i, j] * sg[j] if sg is not None else x[i, j]
 
-    q = te.reduce_axis((dim(0), dim(r)), name="q")
-    z = te.compute(
-        (rows_, n_),
-        lambda i, j: te.sum(_walsh_sign(q, j % r, r) * scale * x_value(i, j // r * r + q), axis=q),
-        name="radix",
-    )
-    h, k = r, 0
-    while h < t:
+    if r > 1:
+        q = te.reduce_axis((dim(0), dim(r)), name="q")
+        z = te.compute(
+            (rows_, n_),
+            lambda i, j: te.sum(_walsh_sign(q, j % r, r) * scale * x_value(i, j // r * r + q), axis=q),
+            name="radix",
+        )
+    else:
+        z = te.compute((rows_, n_), lambda i, j: x_value(i, j) * scale, name="radix")
+    span = r * u
+    h, k = span, 0
+    while h < t * u:
         z = te.compute((rows_, n_), _butterfly(z, h), name=f"butterfly{k}")
         h, k = 2 * h, k + 1
     if m > 1:
         qa = te.reduce_axis((dim(0), dim(m)), name="qa")
-        mt, z_in = m * t, z
+        tu = t * u
+        mtu, z_in = m * tu, z
         z = te.compute(
             (rows_, n_),
-            lambda i, j: te.sum(at[j // t % m, qa] * z_in[i, j // mt * mt + qa * t + j % t], axis=qa),
+            lambda i, j: te.sum(at[j // tu % m, qa] * z_in[i, j // mtu * mtu + qa * tu + j % tu], axis=qa),
             name="mix",
         )
     func = te.create_prim_func([*params, z])
-    return func.with_attr({KERNEL_ATTR: "hadamard", "lpcompile.n": n, "lpcompile.dense": m, "lpcompile.sylvester": t})
+    return func.with_attr({KERNEL_ATTR: "hadamard", "lpcompile.n": n, "lpcompile.dense": m, "lpcompile.sylvester": t,
+                           "lpcompile.inner": u, "lpcompile.span": span})
 
 
 def _walsh_sign(q, p, r: int):

@@ -12,6 +12,8 @@ GEMM (several or a symbolic number of rows): per (N tile of 64, K block) the dec
 
 from __future__ import annotations
 
+import math
+
 import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
@@ -166,9 +168,11 @@ def schedule_hadamard(func: tirx.PrimFunc) -> tirx.PrimFunc:
     vectorized over 16 contiguous lanes: the radix-16 step as 16 FMAs of a broadcast input with a
     constant ±1 lane vector, each butterfly stage as contiguous vector adds (the ± half of a
     2h-span is a loop index, unrolled), the dense factor as a register-blocked small matmul
-    (4 output groups × t lanes accumulate in registers over q)."""
+    (4 output groups × t·u lanes accumulate in registers over q)."""
     t, m = int(_attr(func, "lpcompile.sylvester")), int(_attr(func, "lpcompile.dense"))
-    lanes = min(t, LANES)
+    u, span, n = int(_attr(func, "lpcompile.inner")), int(_attr(func, "lpcompile.span")), int(_attr(func, "lpcompile.n"))
+    group = t * u
+    lanes = math.gcd(group, LANES)
     sch = Schedule(func)
     names = hadamard_stages(sch)
     row = sch.get_loops(sch.get_sblock(names[-1]))[0]
@@ -177,11 +181,12 @@ def schedule_hadamard(func: tirx.PrimFunc) -> tirx.PrimFunc:
         block = sch.get_sblock(name)
         sch.compute_at(block, row)
         sch.set_scope(block, 0, "local")
-    r = min(t, RADIX)
+    r = min(t, RADIX) if u == 1 else 1
     for name in names:
         block = sch.get_sblock(name)
         if name == "radix":
-            if r == 1:  # no Sylvester factor (blocks 12, 20, ...): a scaled copy
+            if r == 1:  # no low Sylvester stages (blocks 12, 20, ...; across heads): x · signs / √t
+                sch.vectorize(sch.split(sch.get_loops(block)[-1], [None, math.gcd(n, LANES)])[1])
                 continue
             j, q = sch.get_loops(block)[-2:]
             jo, jl = sch.split(j, [None, r])
@@ -192,9 +197,9 @@ def schedule_hadamard(func: tirx.PrimFunc) -> tirx.PrimFunc:
         elif name == "mix":
             out = sch.cache_write(block, 0, "local")
             j, q = sch.get_loops(block)[-2:]
-            group, jj = sch.split(j, [None, t])
+            g, jj = sch.split(j, [None, group])
             tile = next(d for d in (4, 2, 1) if m % d == 0)
-            go, gi = sch.split(group, [None, tile])
+            go, gi = sch.split(g, [None, tile])
             jo, jl = sch.split(jj, [None, lanes])
             sch.reorder(go, q, gi, jo, jl)
             sch.unroll(gi)
@@ -204,10 +209,10 @@ def schedule_hadamard(func: tirx.PrimFunc) -> tirx.PrimFunc:
             sch.vectorize(sch.split(sch.get_loops(out)[-1], [None, lanes])[1])
             sch.decompose_reduction(block, q)
         else:
-            h = r << int(name.removeprefix("butterfly"))
+            h = span << int(name.removeprefix("butterfly"))
             _, half, jl = sch.split(sch.get_loops(block)[-1], [None, 2, h])
             sch.unroll(half)
-            sch.vectorize(sch.split(jl, [None, LANES])[1])
+            sch.vectorize(sch.split(jl, [None, math.gcd(h, LANES)])[1])
     return sch.mod["main"]
 
 
