@@ -15,7 +15,8 @@ just written, so it is timed warm. Each figure is the median over `--rounds` blo
 `--sweeps` timed sweeps of the per-call time (µs); implementations take turns per block, after a
 short pause (idle runtime threads spin). The kernels are called directly (PackedFunc); the dense
 lowering is a compiled Relax function called through the VM, and so is the fast kernel in
-`fwht_vm_us`, so the two are compared with the same call overhead.
+`fwht_vm_us`, so the two are compared with the same call overhead (which includes allocating
+the returned output; inside a model the VM plans that memory once).
 
     flock /tmp/lpcompile-bench.lock python benchmarks/bench_hadamard.py   # -> results/hadamard.json
 """
