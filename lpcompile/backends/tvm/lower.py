@@ -315,9 +315,10 @@ def _fast_hadamard(ctx: _Context, x, a, s) -> relax.Expr | None:
         return None
     a_np, s_np = ca[1].astype(np.float64), cs[1].astype(np.float64)
     ty = getattr(x, "ty", None)
-    n = _static(_shape(x)[-1]) if isinstance(ty, relax.TensorType) and ty.shape is not None else None
-    m, t = a_np.shape[0], s_np.shape[0]
-    if str(ty.dtype) != "float32" or n is None or a_np.ndim != 2 or s_np.ndim != 2 or n % (m * t):
+    known = isinstance(ty, relax.TensorType) and ty.shape is not None and str(ty.dtype) == "float32"
+    n = _static(_shape(x)[-1]) if known else None
+    m, t = (a_np.shape[0], s_np.shape[0]) if a_np.ndim == 2 and s_np.ndim == 2 else (0, 0)
+    if n is None or not m or not t or n % (m * t):
         ctx.report.refuse("Hadamard", "needs float32 x with a static last dimension divisible by the block: dense factors instead")
         return None
     sylvester_a = not m & (m - 1) and np.allclose(a_np, hadamard(m), atol=1e-6)
