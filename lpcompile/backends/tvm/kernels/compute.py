@@ -420,3 +420,9 @@ def has_block(sch, name: str) -> bool:
     except Exception:  # TVM raises its own error type for a missing block
         return False
     return True
+
+
+def hadamard_stages(sch) -> list[str]:
+    """The stage blocks of a `hadamard_transform` schedule, first to last (the last writes y)."""
+    names = ["radix"] + [f"butterfly{k}" for k in range(32) if has_block(sch, f"butterfly{k}")]
+    return names + (["mix"] if has_block(sch, "mix") else [])

@@ -19,7 +19,7 @@ from tvm import tirx
 from tvm.s_tir import Schedule
 
 from lpcompile.backends.tvm.kernels import x86
-from lpcompile.backends.tvm.kernels.compute import KERNEL_ATTR, RADIX, has_block
+from lpcompile.backends.tvm.kernels.compute import KERNEL_ATTR, RADIX, hadamard_stages, has_block
 
 K_UNROLL = 4
 M_TILE = 4
@@ -155,12 +155,6 @@ def schedule_quantize_rows(func: tirx.PrimFunc) -> tirx.PrimFunc:
     _, ki = sch.split(sch.get_loops(q)[-1], [None, 16])
     sch.vectorize(ki)
     return sch.mod["main"]
-
-
-def hadamard_stages(sch: Schedule) -> list[str]:
-    """The stage blocks of a `compute.hadamard_transform`, first to last (the last writes y)."""
-    names = ["radix"] + [f"butterfly{k}" for k in range(32) if has_block(sch, f"butterfly{k}")]
-    return names + (["mix"] if has_block(sch, "mix") else [])
 
 
 def schedule_hadamard(func: tirx.PrimFunc) -> tirx.PrimFunc:

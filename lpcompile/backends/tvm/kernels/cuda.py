@@ -15,7 +15,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.s_tir import Schedule
 
-from lpcompile.backends.tvm.kernels.compute import KERNEL_ATTR, has_block
+from lpcompile.backends.tvm.kernels.compute import KERNEL_ATTR, hadamard_stages, has_block
 
 THREADS = 128
 SHARED_BYTES = 48 * 1024  # static shared memory per block that every sm_80..sm_90 allows
@@ -83,8 +83,6 @@ def schedule_hadamard(func: tirx.PrimFunc) -> tirx.PrimFunc:
     barrier between stages), reductions (radix-16 step, dense factor) accumulate in a register.
     A row whose two buffers exceed SHARED_BYTES instead runs each stage as its own grid over
     all elements, through global memory."""
-    from lpcompile.backends.tvm.kernels.cpu import hadamard_stages
-
     n = int(func.attrs["lpcompile.n"])
     sch = Schedule(func)
     stages = []  # (block writing the stage's buffer, its reduction block or None)
