@@ -275,9 +275,10 @@ def hadamard_transform(
     Viewed as [n / (m·t·u), m, t, u], a block X becomes Aᵀ · X · S_t / √t on the (m, t) axes for
     every u-channel. X · S_t is a fast Walsh–Hadamard transform in log2(t) butterfly stages:
 
-        radix[j]       = Σ_q S_r[q, j mod r] · x[r⌊j/r⌋ + q] · signs · 1/√t   (u = 1, r = min(16, t):
+        signed[j]      = x[j] · signs[j]                               (only with `signs`)
+        radix[j]       = Σ_q S_r[q, j mod r] · signed[r⌊j/r⌋ + q] / √t   (u = 1, r = min(16, t):
                          the low log2 r stages at once, a 16-point transform in vector registers;
-                         u > 1: x · signs / √t)
+                         u > 1: signed / √t)
         butterfly_k[j] = prev[j ± h] ± prev[j]        h = r·2^k (u > 1: u·2^k): a + b on the low
                          half of each 2h-span, a − b on the high half (operands in bounds, no
                          branches)
@@ -285,7 +286,7 @@ def hadamard_transform(
 
     O(n log t + n·m) per row instead of O(n²). Parameters in order: x [rows, n] float32,
     signs [n] (if `signs`), a_t = Aᵀ [m, m] (if m > 1), y [rows, n]. The stages are blocks named
-    "radix", "butterfly0", ..., "mix" (the last one writes y), which the schedules rely on;
+    "signed", "radix", "butterfly0", ..., "mix" (the last one writes y), which the schedules rely on;
     attribute `lpcompile.span` is the first butterfly's h.
     """
     t, m, u = sylvester, dense, inner
@@ -304,8 +305,12 @@ def hadamard_transform(
     r = min(RADIX, t) if u == 1 else 1
     scale = tirx.const(1.0 / t**0.5, "float32")
 
+    x_in = x
+    if sg is not None:  # its own stage: one vector multiply per 16 lanes, not one per radix term
+        x_in = te.compute((rows_, n_), lambda i, j: x[i, j] * sg[j], name="signed")
+
     def x_value(i, j):
-        return x[i, j] * sg[j] if sg is not None else x[i, j]
+        return x_in[i, j]
 
     if r > 1:
         q = te.reduce_axis((dim(0), dim(r)), name="q")
@@ -424,5 +429,6 @@ def has_block(sch, name: str) -> bool:
 
 def hadamard_stages(sch) -> list[str]:
     """The stage blocks of a `hadamard_transform` schedule, first to last (the last writes y)."""
-    names = ["radix"] + [f"butterfly{k}" for k in range(32) if has_block(sch, f"butterfly{k}")]
+    names = (["signed"] if has_block(sch, "signed") else []) + ["radix"]
+    names += [f"butterfly{k}" for k in range(32) if has_block(sch, f"butterfly{k}")]
     return names + (["mix"] if has_block(sch, "mix") else [])

@@ -25,6 +25,7 @@ K_UNROLL = 4
 M_TILE = 4
 N_SUB = 64
 LANES = 16  # fp32 lanes of an AVX-512 vector
+ACC_VECTORS = 16  # accumulator vectors of the Hadamard's dense factor (of 32 AVX-512 registers)
 
 
 def _attr(func: tirx.PrimFunc, key: str):
@@ -159,10 +160,11 @@ def schedule_quantize_rows(func: tirx.PrimFunc) -> tirx.PrimFunc:
 
 def schedule_hadamard(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """Rows in parallel; per row every stage is computed into a row buffer (L1/L2-resident) and
-    vectorized over 16 contiguous lanes: the radix-16 step as 16 FMAs of a broadcast input with a
-    constant ±1 lane vector, each butterfly stage as contiguous vector adds (the ± half of a
-    2h-span is a loop index, unrolled), the dense factor as a register-blocked small matmul
-    (4 output groups × t·u lanes accumulate in registers over q)."""
+    vectorized over 16 contiguous lanes: the sign flips as one multiply, the radix-16 step as 16
+    FMAs of a broadcast input with a constant ±1 lane vector, each butterfly stage as contiguous
+    vector adds (the ± half of a 2h-span is a loop index, unrolled), the dense factor as a
+    register-blocked small matmul
+    (up to 4 output groups × 16 vectors of a group's t·u lanes accumulate in registers over q)."""
     t, m = int(_attr(func, "lpcompile.sylvester")), int(_attr(func, "lpcompile.dense"))
     u, span, n = int(_attr(func, "lpcompile.inner")), int(_attr(func, "lpcompile.span")), int(_attr(func, "lpcompile.n"))
     group = t * u
@@ -178,7 +180,9 @@ def schedule_hadamard(func: tirx.PrimFunc) -> tirx.PrimFunc:
     r = min(t, RADIX) if u == 1 else 1
     for name in names:
         block = sch.get_sblock(name)
-        if name == "radix":
+        if name == "signed":
+            sch.vectorize(sch.split(sch.get_loops(block)[-1], [None, math.gcd(n, LANES)])[1])
+        elif name == "radix":
             if r == 1:  # no low Sylvester stages (blocks 12, 20, ...; across heads): x · signs / √t
                 sch.vectorize(sch.split(sch.get_loops(block)[-1], [None, math.gcd(n, LANES)])[1])
                 continue
@@ -192,14 +196,15 @@ def schedule_hadamard(func: tirx.PrimFunc) -> tirx.PrimFunc:
             out = sch.cache_write(block, 0, "local")
             j, q = sch.get_loops(block)[-2:]
             g, jj = sch.split(j, [None, group])
-            tile = next(d for d in (4, 2, 1) if m % d == 0)
+            vectors = min(group // lanes, ACC_VECTORS)  # of a group's lanes, kept in registers at once
+            tile = next(d for d in (4, 2, 1) if m % d == 0 and d * vectors <= ACC_VECTORS)
             go, gi = sch.split(g, [None, tile])
-            jo, jl = sch.split(jj, [None, lanes])
-            sch.reorder(go, q, gi, jo, jl)
+            jc, jo, jl = sch.split(jj, [None, vectors, lanes])
+            sch.reorder(go, jc, q, gi, jo, jl)
             sch.unroll(gi)
             sch.unroll(jo)
             sch.vectorize(jl)
-            sch.reverse_compute_at(out, go)
+            sch.reverse_compute_at(out, jc)
             sch.vectorize(sch.split(sch.get_loops(out)[-1], [None, lanes])[1])
             sch.decompose_reduction(block, q)
         else:
