@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -159,7 +160,8 @@ def compile(
     qdq = ir.from_proto(ir.to_proto(float_model))  # a deep copy: the float model stays the reference
     if rotate != "off":
         with stage("rotate"):  # before calibration: the statistics must be of rotated activations
-            Rotate(mode=rotate)(qdq)
+            # with data, the pass also measures every linear input's outliers before and after
+            Rotate(mode=rotate, data=data, batch_size=batch_size)(qdq)
     # Per-layer errors compare each layer with its float self in the same basis: a folded rotation
     # changes what intermediate tensors hold (exactly, up to fp rounding), never the outputs.
     reference = ir.from_proto(ir.to_proto(qdq)) if rotate != "off" else float_model
@@ -198,10 +200,22 @@ def _check_target(target: str, recipe) -> None:
 
 
 def _rotation_summary(meta) -> dict:
-    """What the rotate pass did, JSON-ready (its own report, with numpy values made plain)."""
+    """What the rotate pass did, JSON-ready (its own report, with numpy values made plain and
+    non-finite measurements, e.g. the kurtosis of a constant input, as null)."""
     if not meta:
         return {}
-    return json.loads(json.dumps(meta, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    plain = json.loads(json.dumps(meta, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    return _finite(plain)
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _step(progress: Progress | None, name: str):

@@ -185,7 +185,39 @@ def to_markdown(report: dict) -> str:
             f"| {l['name']} | {l['op']} | {l['weight_format']} | {l['activation_format']} | "
             f"{l['weight_bytes_fp32']:,} → {l['weight_bytes']:,} | {_fmt(l['sqnr_db'])} |"
         )
+    lines += _rotation_section(report.get("rotate"))
     return "\n".join(lines) + "\n"
+
+
+def _rotation_section(rot: dict | None) -> list[str]:
+    """Where the rotate pass rotated (folded stream regions, folded chains, online transforms),
+    what it skipped and why, and, when it measured them, each linear input's outliers before and
+    after (kurtosis of the values; largest over median per-channel max |x|)."""
+    if not rot or rot.get("mode") == "off":
+        return []
+    lines = ["", "## Rotation", ""]
+    sites = [("region", r.get("name"), r.get("consumers", []), r) for r in rot.get("regions", [])]
+    sites += [("chain", c.get("name") or c.get("producer"), c.get("consumers") or c.get("layers", []), c)
+              for c in rot.get("chains", [])]
+    sites += [("online", o.get("input"), o.get("layers", []), o) for o in rot.get("online", [])]
+    if sites:
+        lines += ["| site | where | linears | status | how / why not |", "|---|---|---|---|---|"]
+        for kind, where, layers, e in sites:
+            how = e.get("rotation") if e.get("status") in ("folded", "online") else e.get("reason")
+            lines.append(f"| {kind} | {where} | {_names(layers)} | {e.get('status', '?')} | {how or ''} |")
+    else:
+        lines.append("Nothing was rotated or considered.")
+    outliers = rot.get("outliers")
+    if outliers:
+        lines += ["", "Linear inputs before → after rotation (measured on the calibration data):", "",
+                  "| layer | kurtosis | max / median channel |", "|---|---|---|"]
+        for name, m in outliers.items():
+            before, after = m.get("before") or {}, m.get("after") or {}
+            lines.append(f"| {name} | {_fmt(before.get('kurtosis'), 1)} → {_fmt(after.get('kurtosis'), 1)} | "
+                         f"{_fmt(before.get('max_to_median'), 1)} → {_fmt(after.get('max_to_median'), 1)} |")
+    elif outliers is None:
+        lines += ["", "Outliers before/after: not measured (no calibration data)."]
+    return lines
 
 
 def _rotation_line(rot: dict | None) -> str:
@@ -194,6 +226,12 @@ def _rotation_line(rot: dict | None) -> str:
     counters = rot.get("counters") or {}
     done = ", ".join(f"{k} {v}" for k, v in counters.items()) or "nothing rotated"
     return f"- rotation ({rot['mode']}): {done} (details: report.json `rotate`)"
+
+
+def _names(names: list, shown: int = 3) -> str:
+    names = [str(n) for n in names]
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return (", ".join(names[:shown]) + more) or "-"
 
 
 def _fmt(x, digits: int = 2) -> str:

@@ -1,5 +1,7 @@
 """The Python API: capture from every source, compile, run, save."""
 
+import json
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -8,6 +10,7 @@ import torch
 
 import lpcompile
 from lpcompile.errors import ModelError
+from lpcompile.report import to_markdown
 from models.llama import LlamaConfig, build_llama
 from models.small import build_cnn, build_mlp
 from tests.conftest import mlp_model, ort_run, sqnr_db
@@ -65,3 +68,34 @@ def test_capture_refuses_what_it_cannot_read(tmp_path):
         lpcompile.capture(tmp_path / "none.onnx")
     with pytest.raises(ModelError, match="cannot read a model"):
         lpcompile.capture(42)
+
+
+def test_report_shows_rotation_and_outliers_before_and_after(tmp_path):
+    """With calibration data, compile() has the rotate pass measure every linear input's kurtosis
+    and max/median channel ratio before and after rotating; report.json and report.md show them.
+    Planted outlier channels in the input: the rotated input of the first layer must be flatter."""
+    rng = np.random.default_rng(0)
+    calib = []
+    for i in range(4):
+        x = rng.standard_normal((4, 8, 256)).astype(np.float32)
+        x[..., [3, 77]] *= 40.0  # two outlier channels
+        calib.append({"x": x})
+    art = lpcompile.compile(mlp_model(), format="int4", rotate="online", calibration=calib)
+    rot = art.report["rotate"]
+    assert {o["status"] for o in rot["online"]} == {"online"}
+    outliers = rot["outliers"]
+    assert set(outliers) == {"w1", "w2", "w3"}
+    w1 = outliers["w1"]
+    assert w1["before"]["kurtosis"] > 20 and w1["after"]["kurtosis"] < 4, w1
+    assert w1["before"]["max_to_median"] > 10 * w1["after"]["max_to_median"], w1
+    out = art.save(tmp_path / "rot.lpc")
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["rotate"]["outliers"]["w1"] == w1
+    md = (out / "report.md").read_text()
+    assert "## Rotation" in md and "| online | x | w1 | online | H256 = sylvester(256) with random signs |" in md
+    b, a = w1["before"], w1["after"]
+    assert f"| w1 | {b['kurtosis']:.1f} → {a['kurtosis']:.1f} | {b['max_to_median']:.1f} → {a['max_to_median']:.1f} |" in md
+
+    plain = lpcompile.compile(mlp_model(), format="w8a16", rotate="online")  # no data: nothing measured
+    assert "outliers" not in plain.report["rotate"]
+    assert "not measured (no calibration data)" in to_markdown(plain.report)

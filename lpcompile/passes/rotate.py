@@ -16,6 +16,10 @@ Three kinds of site, found from the graph (`lpcompile.ir.invariance`), never fro
   diag(R, ..., R) folded into both.
 - **online** (runtime): `ai.lpcompile::Hadamard` before a linear's input, Qᵀ folded into its
   weight. Always valid ("Training Transformers with 4-bit Integers").
+- **cross-head** (runtime, option `cross_head`): after a chain through attention is folded per
+  head (block b), the consumer (the attention output projection) also gets X = H_h ⊗ I_b online
+  across its h = in_features / b heads, Xᵀ folded into its weight, so its input is rotated by
+  H_h ⊗ H_b as a whole, not head by head (QuaRot's online Hadamard before o_proj).
 
 Modes: `online` rotates every linear input online; `fold` folds regions and chains and adds
 online transforms only where folding is impossible (inputs of linears that write into a folded
@@ -44,7 +48,9 @@ from lpcompile.ir.hadamard import (
     HADAMARD_OP,
     apply_hadamard,
     construction,
+    hadamard,
     hadamard_function,
+    has_hadamard,
     kron_factors,
     largest_block,
     random_signs,
@@ -92,6 +98,7 @@ class _Edit:
     beta: np.ndarray | None = None  # norm bias absorbed into the layer's bias
     q_in: Rotation | None = None  # W ← Qᵀ W
     m_out: Rotation | None = None  # W ← W (C) Q, b ← b (C) Q
+    cross: tuple[int, int] | None = None  # (heads h, block b): W ← Xᵀ W after q_in, X = H_h ⊗ I_b
     center_out: bool = False  # C = I − 11ᵀ/d: the layer's outputs made zero-mean
     tags: dict = field(default_factory=dict)
 
@@ -110,6 +117,8 @@ class Rotate(ir.passes.InPlacePass):
     (measured on MiniLM W4A4: 0.937 plain vs 0.959 randomized). min_block: a transform with a smaller block is not worth it (the site is
     skipped, with the reason). data (optional, a `CalibrationData`): measure every linear
     input's kurtosis and max/median channel ratio before and after, into the report.
+    cross_head: after folding a V/O chain through attention, an online Hadamard across the heads
+    of the output projection's input (module docstring).
     """
 
     mode: Literal["auto", "online", "fold"] = "auto"
@@ -118,6 +127,7 @@ class Rotate(ir.passes.InPlacePass):
     min_block: int = 16
     data: object | None = None
     batch_size: int = 8
+    cross_head: bool = False
 
     def __post_init__(self):
         if self.mode not in ("auto", "online", "fold"):
@@ -371,6 +381,39 @@ class _Run:
         entry.update(status="folded", block=block, rotation=out.describe())
         self.counters["chains_folded"] += 1
         self.modified = True
+        if self.config.cross_head and chain.through_attention:
+            entry["cross_head"] = [self._cross_head(c, block, name) for c in chain.consumers]
+
+    def _cross_head(self, layer: LinearLayer, block: int, chain: str) -> dict:
+        """x ← x · (H_h ⊗ I_b) online before `layer` (its input already rotated per head by the
+        chain), Xᵀ into its weight."""
+        heads = layer.in_features // block
+        entry = {"layer": layer.name, "heads": heads, "block": block}
+        x = layer.activation
+        if heads < 2 or layer.in_features % block or not has_hadamard(heads):
+            reason = f"no Hadamard matrix of order {heads} (= {layer.in_features} / {block}) is constructible here"
+            entry.update(status="skipped", reason="a single head" if heads < 2 else reason)
+            self.counters["cross_head_skipped"] += 1
+            return entry
+        if x is None or last_dim(x) not in (None, layer.in_features) or self.opset < 15:
+            entry.update(status="skipped", reason="the input is not a rotatable float value (or opset < 15)")
+            self.counters["cross_head_skipped"] += 1
+            return entry
+        hadamard_function(self.model)
+        dtype = (x.dtype or ir.DataType.FLOAT).numpy()
+        a = self._initializer(f"hadamard_heads{heads}_a", hadamard(heads).astype(dtype), reuse=True)
+        s = self._initializer(f"hadamard_heads{heads}_identity{block}", np.eye(block, dtype=dtype), reuse=True)
+        y = self._node(HADAMARD_OP, [x, a, s], like=x, domain=DOMAIN)
+        info = {"cross_head": layer.name, "heads": heads, "block": block, "chain": chain}
+        y.producer().metadata_props[ROTATION_KEY] = json.dumps(info)
+        layer.node.replace_input_with(0, y)
+        edit = self._edit(layer.node)
+        edit.cross = (heads, block)
+        edit.tags["input"] = f"{edit.tags.get('input', chain)}+cross_head:H{heads}xI{block}"
+        entry.update(status="online", rotation=f"H{heads} ⊗ I{block} = "
+                     + " ⊗ ".join(f"{k}({o})" for k, o in construction(heads)) + f" ⊗ I({block})")
+        self.counters["cross_head_online"] += 1
+        return entry
 
     # --- online ----------------------------------------------------------------------------------
 
@@ -465,6 +508,9 @@ class _Run:
             bias = extra if bias is None else bias + extra
         if edit.q_in is not None:
             w = edit.q_in.left_t(w)
+        if edit.cross is not None:  # (Xᵀ W)[(h, j), n] = Σ_g H[g, h] W[(g, j), n]
+            heads, block = edit.cross
+            w = np.einsum("gh,gjn->hjn", hadamard(heads), w.reshape(heads, block, -1)).reshape(w.shape)
         if edit.m_out is not None:
             if edit.center_out:
                 w = w - w.mean(axis=-1, keepdims=True)

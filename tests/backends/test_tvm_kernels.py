@@ -26,6 +26,7 @@ from lpcompile.backends.tvm.kernels import (  # noqa: E402
     NIB8,
     build,
     cuda_binary,
+    hadamard_transform,
     onnx_weight_to_kn,
     quantize_rows,
     quantize_tensor,
@@ -525,6 +526,12 @@ def cuda_kernels(fp8: bool) -> dict:
         "quantize_int8": quantize_tensor(None, k, "int8"),
         "quantize_rows_int8": quantize_rows(None, k),
         "quantize_rows_int4": quantize_rows(None, k, "int4"),
+        # online Hadamard: rows in shared memory (1536 = 12 x 128, 4096), and the global-memory
+        # stages of a row too long for two shared buffers (11008 = 344 x 32)
+        "hadamard_1536": hadamard_transform(None, 1536, sylvester=128, dense=12, signs=True),
+        "hadamard_4096": hadamard_transform(None, 4096, sylvester=4096),
+        "hadamard_11008": hadamard_transform(None, 11008, sylvester=32, dense=344, signs=True),
+        "hadamard_heads": hadamard_transform(None, 384, sylvester=1, dense=12, inner=32),  # across 12 heads
     }
     if fp8:
         for dt in ("float8_e4m3fn", "float8_e5m2"):
@@ -544,6 +551,7 @@ def test_cuda_kernels_compile_with_nvcc(arch):
     source = ex.mod.imports[0].inspect_source()
     for name in funcs:
         assert f"{name}_kernel" in source, name
+    assert "radix_shared" in source and "butterfly0_shared" in source  # shared-memory butterflies
     if fp8:
         assert "__nv_fp8" in source
     binary = cuda_binary(ex, target)

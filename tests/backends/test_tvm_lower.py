@@ -201,7 +201,7 @@ def test_online_hadamard_lowers_and_matches_ort():
     proto = ir.to_proto(model)
     assert any(n.op_type == "Hadamard" for n in proto.graph.node)
     ex, report = compile_model(proto, TARGET)
-    assert report.fired["Hadamard"] >= 1
+    assert report.fired["Hadamard[fwht]"] >= 1
     x = np.random.default_rng(0).standard_normal((2, 4, 256)).astype(np.float32)
     assert_close(run_vm(ex, x), ort_run(proto, {"x": x})[0], rtol=1e-4, atol=1e-5)
 
@@ -258,3 +258,87 @@ def test_quantized_embedding_gather_stays_low_bit_and_matches_ort(dtype, axis, b
     bits = 4 if dtype in (ml_dtypes.int4, ml_dtypes.uint4) else 8
     assert max(c.nbytes for c in codes) == v * d * bits // 8
     assert all(p.numpy().size < v * d for p in params.values() if str(p.dtype) == "float32")
+
+
+# --- the online Hadamard op: fast Walsh–Hadamard kernel vs the ONNX function in onnxruntime -------
+
+
+def hadamard_model(n: int, block, *, signs: bool, inverse: bool = False, s=None) -> onnx.ModelProto:
+    """y = Hadamard(x ⊙ signs, a, s) with the rotate pass's factors (`kron_factors(block)`, or
+    for block = (heads, width) its cross-head factors H_heads and I_width; or their transposes),
+    as the model-local ONNX function the pass registers."""
+    import onnx_ir as ir
+
+    from lpcompile.ir.hadamard import hadamard, hadamard_function, kron_factors
+
+    holder = ir.Model(ir.Graph([], [], nodes=[], opset_imports={"": 21}), ir_version=10)
+    function = ir.serde.serialize_function(hadamard_function(holder))
+    if isinstance(block, tuple):
+        a, s_ = hadamard(block[0], np.float32), np.eye(block[1], dtype=np.float32)
+    else:
+        a, s_ = kron_factors(block, np.float32)
+    if inverse:
+        a, s_ = np.ascontiguousarray(a.T), np.ascontiguousarray(s_.T)
+    inits = [numpy_helper.from_array(a, "a"), numpy_helper.from_array(s_ if s is None else s, "s")]
+    nodes, x = [], "x"
+    if signs:
+        sg = np.random.default_rng(n).choice([-1.0, 1.0], n).astype(np.float32)
+        inits.append(numpy_helper.from_array(sg, "signs"))
+        nodes.append(helper.make_node("Mul", ["x", "signs"], ["xs"]))
+        x = "xs"
+    nodes.append(helper.make_node("Hadamard", [x, "a", "s"], ["y"], domain="ai.lpcompile"))
+    graph = helper.make_graph(
+        nodes, "hadamard",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", n])],
+        initializer=inits,
+    )
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("ai.lpcompile", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, functions=[function], ir_version=10)
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize(
+    "n,block,signs,inverse",
+    [
+        (256, 32, True, False),  # 4 blocks; Sylvester a ⊗ s joins the butterflies (t = 32)
+        (4096, 4096, True, False),  # one radix-16 step + 8 butterfly stages
+        (384, 384, True, False),  # MiniLM hidden: paley1(12) ⊗ 32
+        (1536, 1536, False, False),  # MiniLM intermediate: paley1(12) ⊗ 128
+        (1536, 1536, True, True),  # the inverse transform (transposed factors)
+        (96, 48, True, False),  # paley1(12) ⊗ 4: fewer than 16 lanes
+        (96, 12, True, False),  # no Sylvester factor at all
+        (11008, 11008, True, False),  # LLaMA-7B MLP: paley1(344) ⊗ 32
+        (384, (12, 32), False, False),  # across 12 heads of 32 (rotate's cross_head): paley1(12) ⊗ I32
+        (384, (12, 32), False, True),
+        (1024, (8, 64), False, False),  # across 8 heads of 64: sylvester(8) ⊗ I64, butterflies from h = 64
+    ],
+)
+def test_hadamard_fast_kernel_matches_ort(n, block, signs, inverse):
+    from lpcompile.backends.tvm.lower import from_onnx
+
+    model = hadamard_model(n, block, signs=signs, inverse=inverse)
+    mod, report = from_onnx(model, TARGET)
+    assert report.fired["Hadamard[fwht]"] == 1 and not report.fired["Hadamard[dense factors]"]
+    text = mod.script()
+    assert "R.matmul" not in text and "R.multiply" not in text  # no dense factors; signs fused
+    ex = tvm.compile(mod, target=TARGET)
+    x = np.random.default_rng(n).standard_normal((2, 3, n)).astype(np.float32)
+    x[..., 5] = 40.0  # an outlier channel, what the transform is for
+    assert_close(run_vm(ex, x), ort_run(model, {"x": x})[0], rtol=1e-5, atol=2e-6)
+
+
+def test_hadamard_without_sylvester_factor_falls_back_to_dense_factors():
+    """An s that is orthogonal but not Sylvester's: the fast kernel does not fire (reason given),
+    the dense lowering still computes the op exactly."""
+    from lpcompile.backends.tvm.lower import from_onnx
+
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((32, 32)))
+    model = hadamard_model(384, 384, signs=True, s=q.astype(np.float32))
+    mod, report = from_onnx(model, TARGET)
+    assert report.fired["Hadamard[dense factors]"] == 1 and not report.fired["Hadamard[fwht]"]
+    assert any("neither the orthonormal Sylvester matrix nor an identity" in r for r in report.refused), report.refused
+    ex = tvm.compile(mod, target=TARGET)
+    x = np.random.default_rng(1).standard_normal((2, 3, 384)).astype(np.float32)
+    assert_close(run_vm(ex, x), ort_run(model, {"x": x})[0], rtol=1e-5, atol=2e-6)

@@ -106,6 +106,46 @@ def test_llama_auto_and_online_are_exact(llama, mode):
         assert report["counters"]["regions_folded"] == 1 and len(online) == CFG.n_layers
 
 
+# 12 heads: the cross-head factor is paley1(12), not symmetric (a transposed fold would show)
+CFG12 = LlamaConfig(hidden=384, intermediate=1024, n_heads=12, n_kv_heads=4, outlier_channels=4, outlier_scale=50.0)
+
+
+@pytest.mark.parametrize("mode,heads", [("fold", 4), ("auto", 4), ("auto", 12)])
+def test_llama_cross_head_hadamard_before_o_proj_is_exact(llama, mode, heads):
+    """QuaRot's online Hadamard across heads before o_proj, on top of the per-head V/O fold:
+    exact in onnxruntime, and o_proj's input is then rotated by H_heads ⊗ H_head_dim as a whole."""
+    cfg = CFG if heads == 4 else CFG12
+    if heads == 4:
+        base = llama
+    else:
+        ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+        base = capture(build_llama(cfg), (ids,), dynamic=["batch", "seq"])
+    model = _copy(base)
+    result, report = _rotate(model, mode=mode, cross_head=True)
+    assert result.modified
+    assert_same_function(base, model, _ids(4))
+    cross = [e for c in report["chains"] for e in c["cross_head"]]
+    assert len(cross) == cfg.n_layers and all(e["layer"].endswith("o_proj") for e in cross)
+    assert all(e["status"] == "online" and e["heads"] == cfg.n_heads and e["block"] == cfg.head_dim for e in cross)
+    assert report["counters"]["cross_head_online"] == cfg.n_layers
+    o_proj = {}
+    for layer in find_linear_layers(model.graph):
+        producer = layer.activation.producer() if layer.activation is not None else None
+        if producer is not None and producer.op_type == HADAMARD_OP and layer.name.endswith("o_proj"):
+            o_proj[layer.name] = producer
+    assert len(o_proj) == cfg.n_layers
+    for node in o_proj.values():
+        a, s = (v.const_value.numpy() for v in node.inputs[1:])
+        assert a.shape == (cfg.n_heads, cfg.n_heads) and np.array_equal(s, np.eye(cfg.head_dim, dtype=s.dtype))
+        np.testing.assert_allclose(a @ a.T, np.eye(cfg.n_heads), atol=1e-6)
+        assert (heads == 4) == bool(np.allclose(a, a.T))
+    if heads == 4:  # without the option nothing feeds o_proj (the per-head fold alone)
+        plain = _copy(base)
+        _rotate(plain, mode=mode)
+        assert not any(l.name.endswith("o_proj") and l.activation.producer() is not None
+                       and l.activation.producer().op_type == HADAMARD_OP for l in find_linear_layers(plain.graph))
+
+
 def test_llama_rerun_reports_not_modified(llama):
     for mode in ("fold", "auto", "online"):
         model = _copy(llama)

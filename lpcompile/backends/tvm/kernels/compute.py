@@ -282,6 +282,111 @@ def quantize_rows(m: int | tirx.PrimExpr | None, k: int, dtype: str = "int8") ->
     return te.create_prim_func([x, q, scale]).with_attr({KERNEL_ATTR: "quantize_rows"})
 
 
+# --- the online Hadamard transform (`ai.lpcompile::Hadamard`) ---------------------------------
+
+RADIX = 16  # the lowest log2(RADIX) butterfly stages are done as one radix-16 step
+
+
+def hadamard_transform(
+    rows: int | tirx.PrimExpr | None,
+    n: int,
+    *,
+    sylvester: int,
+    dense: int = 1,
+    inner: int = 1,
+    signs: bool = False,
+) -> tirx.PrimFunc:
+    """y = (x ⊙ signs) · diag(H, ..., H) over the last axis of x [rows, n], H = A ⊗ S_t/√t ⊗ I_u,
+    with S_t the ±1 Sylvester matrix of order t = `sylvester` (a power of two), A a dense
+    `dense` × `dense` matrix (the orthonormal Paley factor; dense = 1: none) and I_u an identity
+    of order u = `inner` (u > 1: the transform across attention heads of u channels each);
+    the block m·t·u divides n.
+
+    Viewed as [n / (m·t·u), m, t, u], a block X becomes Aᵀ · X · S_t / √t on the (m, t) axes for
+    every u-channel. X · S_t is a fast Walsh–Hadamard transform in log2(t) butterfly stages:
+
+        signed[j]      = x[j] · signs[j]                               (only with `signs`)
+        radix[j]       = Σ_q S_r[q, j mod r] · signed[r⌊j/r⌋ + q] / √t   (u = 1, r = min(16, t):
+                         the low log2 r stages at once, a 16-point transform in vector registers;
+                         u > 1: signed / √t)
+        butterfly_k[j] = prev[j ± h] ± prev[j]        h = r·2^k (u > 1: u·2^k): a + b on the low
+                         half of each 2h-span, a − b on the high half (operands in bounds, no
+                         branches)
+        mix[j]         = Σ_q a_t[p, q] · z[(block·m + q)·tu + j mod tu]    tu = t·u, p = ⌊j/tu⌋ mod m
+
+    O(n log t + n·m) per row instead of O(n²). Parameters in order: x [rows, n] float32,
+    signs [n] (if `signs`), a_t = Aᵀ [m, m] (if m > 1), y [rows, n]. The stages are blocks named
+    "signed", "radix", "butterfly0", ..., "mix" (the last one writes y), which the schedules rely on;
+    attribute `lpcompile.span` is the first butterfly's h.
+    """
+    t, m, u = sylvester, dense, inner
+    if t < 1 or t & (t - 1) or m < 1 or u < 1 or n % (m * t * u):
+        raise TargetError(f"hadamard_transform: need t a power of two and m·t·u | n (n={n}, m={m}, t={t}, u={u})")
+    rows_, n_ = dim(rows), dim(n)
+    x = te.placeholder((rows_, n_), "float32", name="x")
+    params = [x]
+    sg = at = None
+    if signs:
+        sg = te.placeholder((n_,), "float32", name="signs")
+        params.append(sg)
+    if m > 1:
+        at = te.placeholder((dim(m), dim(m)), "float32", name="a_t")
+        params.append(at)
+    r = min(RADIX, t) if u == 1 else 1
+    scale = tirx.const(1.0 / t**0.5, "float32")
+
+    x_in = x
+    if sg is not None:  # its own stage: one vector multiply per 16 lanes, not one per radix term
+        x_in = te.compute((rows_, n_), lambda i, j: x[i, j] * sg[j], name="signed")
+
+    def x_value(i, j):
+        return x_in[i, j]
+
+    if r > 1:
+        q = te.reduce_axis((dim(0), dim(r)), name="q")
+        z = te.compute(
+            (rows_, n_),
+            lambda i, j: te.sum(_walsh_sign(q, j % r, r) * scale * x_value(i, j // r * r + q), axis=q),
+            name="radix",
+        )
+    else:
+        z = te.compute((rows_, n_), lambda i, j: x_value(i, j) * scale, name="radix")
+    span = r * u
+    h, k = span, 0
+    while h < t * u:
+        z = te.compute((rows_, n_), _butterfly(z, h), name=f"butterfly{k}")
+        h, k = 2 * h, k + 1
+    if m > 1:
+        qa = te.reduce_axis((dim(0), dim(m)), name="qa")
+        tu = t * u
+        mtu, z_in = m * tu, z
+        z = te.compute(
+            (rows_, n_),
+            lambda i, j: te.sum(at[j // tu % m, qa] * z_in[i, j // mtu * mtu + qa * tu + j % tu], axis=qa),
+            name="mix",
+        )
+    func = te.create_prim_func([*params, z])
+    return func.with_attr({KERNEL_ATTR: "hadamard", "lpcompile.n": n, "lpcompile.dense": m, "lpcompile.sylvester": t,
+                           "lpcompile.inner": u, "lpcompile.span": span})
+
+
+def _walsh_sign(q, p, r: int):
+    """S_r[q, p] = (−1)^popcount(q & p) as float32 (constant once q and p are unrolled/lanes)."""
+    b = q & p
+    parity = b & 1
+    for s in range(1, r.bit_length() - 1):
+        parity = parity ^ ((b >> s) & 1)
+    return (1 - 2 * parity).astype("float32")
+
+
+def _butterfly(prev: te.Tensor, h: int):
+    def f(i, j):
+        high = j // h % 2  # 0: a + b (partner j + h), 1: a − b (partner j − h)
+        return prev[i, j + h - 2 * h * high] + (1 - 2 * high).astype("float32") * prev[i, j]
+
+    return f
+
+
 def _saturate_int(v, lo: int, hi: int, dtype: str):
     return tirx.max(tirx.min(v, tirx.const(float(hi), "float32")), tirx.const(float(lo), "float32")).astype(dtype)
 
@@ -438,3 +543,10 @@ def quantize_linear(shape, code: str, scale_shape, zero_point_shape=None, *, axi
     q = te.compute(shape, f, name="elementwise")
     args = [x, scale] + ([zp] if zp is not None else []) + [q]
     return te.create_prim_func(args).with_attr({KERNEL_ATTR: "elementwise"})
+
+
+def hadamard_stages(sch) -> list[str]:
+    """The stage blocks of a `hadamard_transform` schedule, first to last (the last writes y)."""
+    names = (["signed"] if has_block(sch, "signed") else []) + ["radix"]
+    names += [f"butterfly{k}" for k in range(32) if has_block(sch, f"butterfly{k}")]
+    return names + (["mix"] if has_block(sch, "mix") else [])

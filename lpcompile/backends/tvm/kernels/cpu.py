@@ -12,16 +12,20 @@ GEMM (several or a symbolic number of rows): per (N tile of 64, K block) the dec
 
 from __future__ import annotations
 
+import math
+
 import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
 
 from lpcompile.backends.tvm.kernels import x86
-from lpcompile.backends.tvm.kernels.compute import KERNEL_ATTR, has_block
+from lpcompile.backends.tvm.kernels.compute import KERNEL_ATTR, RADIX, hadamard_stages, has_block
 
 K_UNROLL = 4
 M_TILE = 4
 N_SUB = 64
+LANES = 16  # fp32 lanes of an AVX-512 vector
+ACC_VECTORS = 16  # accumulator vectors of the Hadamard's dense factor (of 32 AVX-512 registers)
 
 
 def _attr(func: tirx.PrimFunc, key: str):
@@ -167,7 +171,65 @@ def schedule_quantize_rows(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return sch.mod["main"]
 
 
+def schedule_hadamard(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """Rows in parallel; per row every stage is computed into a row buffer (L1/L2-resident) and
+    vectorized over 16 contiguous lanes: the sign flips as one multiply, the radix-16 step as 16
+    FMAs of a broadcast input with a constant ±1 lane vector, each butterfly stage as contiguous
+    vector adds (the ± half of a 2h-span is a loop index, unrolled), the dense factor as a
+    register-blocked small matmul
+    (up to 4 output groups × 16 vectors of a group's t·u lanes accumulate in registers over q)."""
+    t, m = int(_attr(func, "lpcompile.sylvester")), int(_attr(func, "lpcompile.dense"))
+    u, span, n = int(_attr(func, "lpcompile.inner")), int(_attr(func, "lpcompile.span")), int(_attr(func, "lpcompile.n"))
+    group = t * u
+    lanes = math.gcd(group, LANES)
+    sch = Schedule(func)
+    names = hadamard_stages(sch)
+    row = sch.get_loops(sch.get_sblock(names[-1]))[0]
+    sch.parallel(row)
+    for name in reversed(names[:-1]):
+        block = sch.get_sblock(name)
+        sch.compute_at(block, row)
+        sch.set_scope(block, 0, "local")
+    r = min(t, RADIX) if u == 1 else 1
+    for name in names:
+        block = sch.get_sblock(name)
+        if name == "signed":
+            sch.vectorize(sch.split(sch.get_loops(block)[-1], [None, math.gcd(n, LANES)])[1])
+        elif name == "radix":
+            if r == 1:  # no low Sylvester stages (blocks 12, 20, ...; across heads): x · signs / √t
+                sch.vectorize(sch.split(sch.get_loops(block)[-1], [None, math.gcd(n, LANES)])[1])
+                continue
+            j, q = sch.get_loops(block)[-2:]
+            jo, jl = sch.split(j, [None, r])
+            sch.reorder(jo, q, jl)
+            sch.unroll(q)
+            sch.vectorize(jl)
+            sch.decompose_reduction(block, q)
+        elif name == "mix":
+            out = sch.cache_write(block, 0, "local")
+            j, q = sch.get_loops(block)[-2:]
+            g, jj = sch.split(j, [None, group])
+            vectors = min(group // lanes, ACC_VECTORS)  # of a group's lanes, kept in registers at once
+            tile = next(d for d in (4, 2, 1) if m % d == 0 and d * vectors <= ACC_VECTORS)
+            go, gi = sch.split(g, [None, tile])
+            jc, jo, jl = sch.split(jj, [None, vectors, lanes])
+            sch.reorder(go, jc, q, gi, jo, jl)
+            sch.unroll(gi)
+            sch.unroll(jo)
+            sch.vectorize(jl)
+            sch.reverse_compute_at(out, jc)
+            sch.vectorize(sch.split(sch.get_loops(out)[-1], [None, lanes])[1])
+            sch.decompose_reduction(block, q)
+        else:
+            h = span << int(name.removeprefix("butterfly"))
+            _, half, jl = sch.split(sch.get_loops(block)[-1], [None, 2, h])
+            sch.unroll(half)
+            sch.vectorize(sch.split(jl, [None, math.gcd(h, LANES)])[1])
+    return sch.mod["main"]
+
+
 SCHEDULES = {
+    "hadamard": schedule_hadamard,
     "quantized_matmul": schedule_matmul,
     "quantize_tensor": schedule_quantize_tensor,
     "quantize_rows": schedule_quantize_rows,

@@ -15,9 +15,10 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.s_tir import Schedule
 
-from lpcompile.backends.tvm.kernels.compute import KERNEL_ATTR, has_block
+from lpcompile.backends.tvm.kernels.compute import KERNEL_ATTR, hadamard_stages, has_block
 
 THREADS = 128
+SHARED_BYTES = 48 * 1024  # static shared memory per block that every sm_80..sm_90 allows
 
 
 def schedule_matmul(func: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -88,7 +89,49 @@ def schedule_quantize_rows(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return sch.mod["main"]
 
 
+def schedule_hadamard(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """One thread block per row, THREADS threads striding over the row; every stage but the
+    last lives in shared memory (TVM's storage rewrite ping-pongs two row buffers and puts a
+    barrier between stages), reductions (radix-16 step, dense factor) accumulate in a register.
+    A row whose two buffers exceed SHARED_BYTES instead runs each stage as its own grid over
+    all elements, through global memory."""
+    n = int(func.attrs["lpcompile.n"])
+    sch = Schedule(func)
+    stages = []  # (block writing the stage's buffer, its reduction block or None)
+    for name in hadamard_stages(sch):
+        block = sch.get_sblock(name)
+        if name in ("radix", "mix"):
+            stages.append((sch.cache_write(block, 0, "local"), block))
+        else:
+            stages.append((block, None))
+
+    def threads(reduction, loop):
+        _, tx = sch.split(loop, [None, THREADS])
+        sch.bind(tx, "threadIdx.x")
+        if reduction is not None:
+            sch.compute_at(reduction, tx)
+
+    if 2 * 4 * n > SHARED_BYTES:
+        for writer, reduction in stages:
+            bx, tx = sch.split(sch.fuse(*sch.get_loops(writer)), [None, THREADS])
+            sch.bind(bx, "blockIdx.x")
+            sch.bind(tx, "threadIdx.x")
+            if reduction is not None:
+                sch.compute_at(reduction, tx)
+        return sch.mod["main"]
+    writer, reduction = stages[-1]
+    row, j = sch.get_loops(writer)
+    sch.bind(row, "blockIdx.x")
+    threads(reduction, j)
+    for writer, reduction in reversed(stages[:-1]):
+        sch.compute_at(writer, row)
+        sch.set_scope(writer, 0, "shared")
+        threads(reduction, sch.get_loops(writer)[-1])
+    return sch.mod["main"]
+
+
 SCHEDULES = {
+    "hadamard": schedule_hadamard,
     "quantized_matmul": schedule_matmul,
     "quantize_tensor": schedule_quantize_tensor,
     "quantize_rows": schedule_quantize_rows,
