@@ -124,6 +124,7 @@ def u8s8_dot4_gemm(func: tirx.PrimFunc) -> tirx.PrimFunc:
     k, n = int(attrs["lpcompile.k"]), int(attrs["lpcompile.n"])
     m = func.params[0].shape[0]  # an IntImm or the definition's own symbolic row count
     kq, tiles = k // 4, n // (LANES * VECS)
+    rows = ROWS if not isinstance(m, tirx.IntImm) or int(m) >= ROWS else int(m)  # (one token: no repeats)
 
     @T.prim_func(private=True)
     def gemm(
@@ -137,25 +138,25 @@ def u8s8_dot4_gemm(func: tirx.PrimFunc) -> tirx.PrimFunc:
     ):
         T.func_attr({"tirx.noalias": True})
         for t in T.parallel(tiles):
-            for io in range((m + ROWS - 1) // ROWS):
-                acc = T.decl_buffer((ROWS * VECS,), "int32x16", scope="local")
-                for r in T.unroll(ROWS):
+            for io in range((m + rows - 1) // rows):
+                acc = T.decl_buffer((rows * VECS,), "int32x16", scope="local")
+                for r in T.unroll(rows):
                     for v in T.unroll(VECS):
                         acc[r * VECS + v] = T.Broadcast(T.int32(0), LANES)
                 # 16 accumulators; per 4 values of k: 4 weight rows, 4 activation broadcasts
                 for q in range(kq):
                     for v in T.unroll(VECS):
-                        for r in T.unroll(ROWS):
+                        for r in T.unroll(rows):
                             acc[r * VECS + v] = T.call_llvm_pure_intrin(
                                 "int32x16", T.llvm_lookup_intrinsic_id(VNNI), acc[r * VECS + v],
                                 # 4 activation bytes of the row, broadcast (the tail re-reads the last row)
                                 T.reinterpret("int8x64", T.Broadcast(T.reinterpret("int32", x.vload(
-                                    [T.min(io * ROWS + r, m - 1), q * 4], "uint8x4")), LANES)),
+                                    [T.min(io * rows + r, m - 1), q * 4], "uint8x4")), LANES)),
                                 w.vload([t * VECS + v, q, 0, 0], "int8x64"))  # (this LLVM's vpdpbusd takes bytes)
-                for r in T.unroll(ROWS):
-                    if io * ROWS + r < m:
+                for r in T.unroll(rows):
+                    if io * rows + r < m:
                         for v in T.unroll(VECS):
-                            y[io * ROWS + r, T.Ramp((t * VECS + v) * LANES, 1, LANES)] = T.Cast(
+                            y[io * rows + r, T.Ramp((t * VECS + v) * LANES, 1, LANES)] = T.Cast(
                                 "float32x16",
                                 acc[r * VECS + v] - T.Broadcast(T.Cast("int32", x_zero_point[0]), LANES)
                                 * w_colsum.vload([0, (t * VECS + v) * LANES], "int32x16"),
