@@ -23,10 +23,10 @@ class CpuFallback(CPUScheduleRule):
     parallel; the innermost spatial loop of a purely spatial block is vectorized where its extent
     is static. A
     matmul-like reduction (its last spatial iterator is the last index of the output and of an
-    input, as j in C[i, j] += A[i, k] * B[k, j]) with a static j extent runs k outside j, so the
-    contiguous j loop is innermost and vectorized instead of a strided dot product per element
-    (with a symbolic j it stays a dot product: an unvectorized j loop storing C every step is
-    slower than that)."""
+    input, as j in C[i, j] += A[i, k] * B[k, j]) runs k outside j, so the contiguous j loop is
+    innermost (vectorized here when its extent is static, else by LLVM) instead of a strided dot
+    product per element. Measured, single-thread CPU time: LLaMA-small int8 batch 1 x 32 20.4 ms
+    -> 15.9 ms (its attention scores 4.9 -> <0.5 ms); MiniLM's scores 0.24 -> 0.45 ms (of 10.7)."""
 
     def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _: bool) -> Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
@@ -49,11 +49,12 @@ class CpuFallback(CPUScheduleRule):
                 continue
             last = sch.get(spatial[-1]).extent
             vector_j = isinstance(last, tirx.IntImm) and int(last) % VECTOR == 0
-            if reduce and len(spatial) >= 2 and vector_j and _matmul_like(sch, info):
+            if reduce and len(spatial) >= 2 and _matmul_like(sch, info):
                 sch.reorder(*spatial[:-1], *reduce, spatial[-1])
                 sch.parallel(sch.fuse(*spatial[:-1]) if len(spatial) > 2 else spatial[0])
-                _, lanes = sch.split(spatial[-1], [None, VECTOR])
-                sch.vectorize(lanes)
+                if vector_j:  # (a symbolic j is left to LLVM's loop vectorizer)
+                    _, lanes = sch.split(spatial[-1], [None, VECTOR])
+                    sch.vectorize(lanes)
                 reductions.append((block, reduce[0]))
                 continue
             # The innermost spatial loop stays a loop of its own: fusing it with symbolic outer
