@@ -16,7 +16,8 @@ just written, so it is timed warm. Each figure is the median over `--rounds` blo
 short pause (idle runtime threads spin). The kernels are called directly (PackedFunc); the dense
 lowering is a compiled Relax function called through the VM, and so is the fast kernel in
 `fwht_vm_us`, so the two are compared with the same call overhead (which includes allocating
-the returned output; inside a model the VM plans that memory once).
+the returned output); their constants are parameters, as in an exported artifact (fed as Relax
+constants instead, the fast kernel ran 2x slower in the VM here: not understood yet).
 
     flock /tmp/lpcompile-bench.lock python benchmarks/bench_hadamard.py   # -> results/hadamard.json
 """
@@ -83,7 +84,8 @@ def fwht_kernel(k: int, rows: int, x: np.ndarray, signs: np.ndarray):
 
 def relax_hadamard(k: int, x: np.ndarray, signs: np.ndarray, dense: bool):
     """The op as the lowering emits it inside a model: fast kernel (call_tir) or the old dense
-    factors, compiled as a Relax function and called through the VM."""
+    factors, compiled as a Relax function and called through the VM. Its constants (signs and
+    factors) are parameters, as in an exported artifact (`export` lifts them into params.bin)."""
     import tvm
     from tvm import relax
 
@@ -93,26 +95,31 @@ def relax_hadamard(k: int, x: np.ndarray, signs: np.ndarray, dense: bool):
 
     target = host_target(THREADS)
     a, s, m, t = factors(k)
+    consts = {"signs": signs}
+    if dense:
+        consts.update(a=a, s=s)
+    elif m > 1:
+        consts["a_t"] = np.ascontiguousarray(a.T)
     bb = relax.BlockBuilder()
     rows = tvm.tirx.Var("rows", "int64")
     xv = relax.Var("x", relax.TensorType([rows, k], "float32"))
-    with bb.function("main", [xv]):
+    cv = {name: relax.Var(name, relax.TensorType(list(v.shape), "float32")) for name, v in consts.items()}
+    with bb.function("main", [xv, *cv.values()]):
         with bb.dataflow():
             if dense:
-                xs = bb.emit(relax.op.multiply(xv, relax.const(signs)))
-                y = _dense_hadamard(bb, xs, rows, [rows, k], relax.const(a), relax.const(s), 1)
+                xs = bb.emit(relax.op.multiply(xv, cv["signs"]))
+                y = _dense_hadamard(bb, xs, rows, [rows, k], cv["a"], cv["s"], 1)
             else:
                 func = K.schedule(K.hadamard_transform(None, k, sylvester=t, dense=m, signs=True), target)
                 gv = bb.add_func(func.with_attrs({"tirx.is_scheduled": True, "op_pattern": OPAQUE, "global_symbol": "fwht"}), "fwht")
-                args = [xv, relax.const(signs)] + ([relax.const(np.ascontiguousarray(a.T))] if m > 1 else [])
-                y = bb.emit(relax.call_tir(gv, args, relax.TensorType([rows, k], "float32")))
+                y = bb.emit(relax.call_tir(gv, [xv, *cv.values()], relax.TensorType([rows, k], "float32")))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     ex = tvm.compile(bb.get(), target=target)
     vm = relax.VirtualMachine(ex, tvm.cpu())
-    xt = tvm.runtime.tensor(x)
-    y = vm["main"](xt).numpy()
-    return (lambda: vm["main"](xt)), y
+    args = [tvm.runtime.tensor(x)] + [tvm.runtime.tensor(np.ascontiguousarray(v)) for v in consts.values()]
+    y = vm["main"](*args).numpy()
+    return (lambda: vm["main"](*args)), y
 
 
 def int4_linear(k: int, n: int, rows: int, count: int, x: np.ndarray):
