@@ -9,10 +9,11 @@ Three steps, each measured rather than guessed:
      input) are quantized, in numpy on input rows captured once from calibration data, and
    - the *end-to-end* error: the model output's noise-to-signal ratio (NSR = 1/SQNR) and cosine
      loss (1 - mean cosine per sample) when only that layer is quantized, in onnxruntime.
-   End-to-end runs share one session: every weight becomes an overridable input (an initializer
-   that is also a graph input, so only the weight under test is fed), and every layer input gets
-   all candidate activation QDQs behind a `Where` chain switched by a scalar selector input
-   (default 0: float). So each measurement is one batched run, with no session rebuilt.
+   No session is rebuilt per measurement: in one session every weight is an overridable input
+   (an initializer that is also a graph input, so only the weight under test is fed); in one
+   session per activation candidate every layer input passes `Where(selector, QDQ(x), x)` with a
+   per-layer boolean selector input (default false: float). Each measurement is one batched
+   run per calibration batch; the float reference outputs are computed once.
 2. Cost. Weight bits per layer per candidate, including scales and zero points (exactly what the
    quantized initializers store); activation bits per element; formats the target cannot run
    natively are flagged "emulated" (or dropped, `allow_emulated=False`). Kernel latency is not
@@ -25,7 +26,7 @@ Three steps, each measured rather than guessed:
    dual: fewest bits with Σ loss_i <= 1 - C (the caller verifies on data and tightens).
 
 FP8 exponent bits: per layer the local SQNR of the ExMy family (E2M5, E3M4, E4M3, E5M2; "FP8
-Quantization: The Power of the Exponent") is measured for the weights (per-channel, MSE scale)
+Quantization: The Power of the Exponent") is measured for the weights (per-channel, absmax scale)
 and the input (per-tensor, MSE clip); the deployable split (E4M3 or E5M2) with the better local
 SQNR is the layer's FP8 candidate, and the plan records the best ExMy and the gap to it, next to
 the input's outlier severity (kurtosis, largest/median channel max).
@@ -46,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from lpcompile.errors import LpcompileError, PassError
+from lpcompile.errors import FormatError, LpcompileError, PassError
 from lpcompile.formats import FloatFormat, IntFormat, PerChannel, PerTensor, QuantSpec, fp8_exmy
 from lpcompile.ir.patterns import LinearLayer, find_linear_layers
 from lpcompile.ir.run import OrtRunner
@@ -163,6 +164,8 @@ class Plan:
                 parse_spec(pin.get("weights")), parse_spec(pin.get("activations"))
         except (KeyError, TypeError, AttributeError) as e:
             raise LpcompileError(f"plan: malformed entry ({type(e).__name__}: {e})") from None
+        except FormatError as e:
+            raise FormatError(f"plan: {e}") from None
         return cls(layers, dict(d.get("budget") or {}), dict(d.get("totals") or {}), dict(pins),
                    dict(d.get("sensitivity") or {}))
 
@@ -402,6 +405,10 @@ class Select(ir.passes.InPlacePass):
         params = sum(sens[l.name]["params"] for l in layers)
         if self.budget_bits is not None:
             budget = {"kind": "bits", "value": self.budget_bits}
+            cheapest = sum(min(c) for c in costs) / params
+            if cheapest > self.budget_bits:
+                raise LpcompileError(f"--budget {self.budget_bits:g} bits per weight is below the smallest achievable "
+                                     f"{cheapest:.4f} with these candidates and pins (float layers count 32)")
             choice = solve_budget(costs, nsr, self.budget_bits * params)
         elif self.budget_bytes is not None:
             budget = {"kind": "bytes", "value": self.budget_bytes}
@@ -512,15 +519,17 @@ def _exmy_name(fmt_name: str) -> str:
 
 
 def _take(data, samples: int, batch_size: int) -> list[dict[str, np.ndarray]]:
-    """The first `samples` samples of `data` as batches (kept: every measurement reuses them)."""
-    out, n = [], 0
+    """About `samples` samples of `data` as batches, spread evenly over all its batches (a
+    directory of length buckets must not give only the shortest), kept: every measurement
+    reuses them."""
     source = data.batches(batch_size) if hasattr(data, "batches") else data
-    for batch in source:
-        if n >= samples:
-            break
-        out.append(dict(batch))
-        n += len(next(iter(batch.values())))
-    return out
+    every = [dict(b) for b in source]
+    sizes = [len(next(iter(b.values()))) for b in every]
+    if sum(sizes) <= samples:
+        return every
+    want = max(1, round(len(every) * samples / sum(sizes)))
+    picks = np.unique(np.linspace(0, len(every) - 1, want).round().astype(int))
+    return [every[i] for i in picks]
 
 
 def _canonical_weight(layer: LinearLayer) -> np.ndarray:
@@ -565,7 +574,7 @@ def _local_sqnr(layer: LinearLayer, x: np.ndarray | None, w: np.ndarray, wq: np.
 
 
 def _exmy(w: np.ndarray, x: np.ndarray, st) -> dict:
-    """Local SQNR (dB) of the ExMy formats for the weights (per-channel, MSE scale) and the input
+    """Local SQNR (dB) of the ExMy formats for the weights (per-channel, absmax scale) and the input
     (per-tensor, MSE clip from the calibration histogram); the deployable E4M3FN/E5M2 too."""
     from lpcompile.formats import FP8_E4M3, FP8_E5M2
 
@@ -574,7 +583,7 @@ def _exmy(w: np.ndarray, x: np.ndarray, st) -> dict:
     formats = [(f"e{e}m{m}", fp8_exmy(e, m)) for e, m in EXMY]
     for name, fmt in formats + [("e4m3fn", FP8_E4M3), ("e5m2-ieee", FP8_E5M2)]:
         wspec = QuantSpec(fmt, PerChannel(1), True)
-        wq = quantize_weight(w, wspec, "mse").dequantize()
+        wq = quantize_weight(w, wspec, "rtn").dequantize()
         out["weights_db"][name] = _sqnr_db(ref, x @ wq)
         if st is not None:
             aspec = QuantSpec(fmt, PerTensor(), True, scale_method="mse")
@@ -605,87 +614,87 @@ def _outliers(st, x: np.ndarray) -> dict:
 
 def _end_to_end(model, layers, calibration, batches, acts, weight_q, sens, progress) -> None:
     """Fill `e2e_weights` / `e2e_activations` of every layer: output error with only that layer
-    (weights, or input) quantized, on `batches`, in one onnxruntime session."""
-    probe, weight_inputs, selectors = _sensitivity_model(model, layers, calibration, acts, sens)
-    runner = OrtRunner(probe)
-    session = runner.session
-    out_name = next(o.name for o in session.get_outputs())
-    feeds = [{k: v for k, v in b.items() if k in runner.input_names} for b in batches]
-    reference = [session.run([out_name], f)[0] for f in feeds]
-    jobs = []
+    (weights, or input) quantized, on `batches`. Weights: one session of the float model with
+    overridable weights. Activations: one session per candidate spec, in which every layer input
+    has that spec's QDQ behind a `Where` switched by the layer's selector (only one QDQ per input:
+    onnxruntime evaluates both branches of a Where)."""
+    jobs = []  # (result dict, key, session index, extra feeds)
+    sessions = [_sensitivity_model(model, layers, calibration, None)]
     for layer in layers:
         s = sens[layer.name]
         s["e2e_weights"], s["e2e_activations"] = {}, {}
         for spec_s in s["weights"]:
             spec = str(QuantSpec.parse(spec_s))
-            jobs.append((s["e2e_weights"], spec, {weight_inputs[layer.name]: weight_q[(layer.name, spec)]}))
-        for code, a in selectors.get(layer.name, {}).items():
-            jobs.append((s["e2e_activations"], str(a), {code[0]: np.array(code[1], np.int64)}))
-    for i, (target, key, extra) in enumerate(jobs):
+            jobs.append((s["e2e_weights"], spec, 0, {sessions[0][1][layer.name]: weight_q[(layer.name, spec)]}))
+    for a in acts:
+        probe, _, selectors = _sensitivity_model(model, layers, calibration, a)
+        if not selectors:
+            continue
+        sessions.append((probe, {}, selectors))
+        for layer in layers:
+            if layer.name in selectors and "local_activations" in sens[layer.name]:
+                jobs.append((sens[layer.name]["e2e_activations"], str(a), len(sessions) - 1,
+                             {selectors[layer.name]: np.array(True)}))
+    runners = [OrtRunner(probe) for probe, _, _ in sessions]
+    out_name = runners[0].session.get_outputs()[0].name
+    feeds = [{k: v for k, v in b.items() if k in runners[0].input_names} for b in batches]
+    reference = [runners[0].session.run([out_name], f)[0] for f in feeds]
+    for i, (target, key, which, extra) in enumerate(jobs):
         err = _OutputError()
         for f, ref in zip(feeds, reference):
-            err.add(ref, session.run([out_name], {**f, **extra})[0])
+            err.add(ref, runners[which].session.run([out_name], {**f, **extra})[0])
         target[key] = err.result()
         if progress:
             progress("select: end-to-end", i + 1, len(jobs))
 
 
-def _sensitivity_model(model, layers, calibration, acts, sens):
-    """A copy of `model` where each layer's weight is an overridable input (its own copy where
-    layers share one) and each layer's input passes a `Where` chain over its candidate activation
-    QDQs, selected by an int64 scalar input (default 0 = float). Returns (model, layer -> weight
-    input name, layer -> {(selector name, code): spec})."""
+def _sensitivity_model(model, layers, calibration, spec: QuantSpec | None):
+    """A copy of `model` for end-to-end sensitivity. `spec` None: each layer's weight becomes an
+    overridable input (an initializer that is also a graph input; its own copy where layers
+    share one). Else each layer input passes `Where(selector, QDQ_spec(x), x)`, the selector an
+    overridable int64 scalar (default 0 = float). Returns (model, layer -> weight input,
+    layer -> selector name)."""
     from lpcompile.ir import upgrade_opset
     from lpcompile.passes.quantize import QDQ_OPSET
 
     probe = ir.from_proto(ir.to_proto(model))
     upgrade_opset(probe, QDQ_OPSET)
-    probe.meta[CALIBRATION_KEY] = calibration
     graph = probe.graph
     probe_layers = {l.name: l for l in find_linear_layers(graph)}
     weight_inputs, selectors = {}, {}
     used_weights: set[str] = set()
-    qdq_cache: dict[tuple[str, str], ir.Value] = {}
+    qdq_cache: dict[str, ir.Value] = {}
     for i, name in enumerate(l.name for l in layers):
         layer = probe_layers[name]
-        w = layer.weight
-        slot = 0 if layer.kind == "embedding" else 1
-        if w.name in used_weights or w.is_graph_input():
-            copy = ir.Value(name=f"{w.name}__select{i}", const_value=w.const_value)
-            copy.dtype, copy.shape = w.dtype, w.shape
-            graph.register_initializer(copy)
-            layer.node.replace_input_with(slot, copy)
-            w = copy
-        used_weights.add(w.name)
-        graph.inputs.append(w)
-        weight_inputs[name] = w.name
-        if layer.kind == "embedding" or layer.activation is None:
+        if spec is None:
+            w = layer.weight
+            if w.name in used_weights or w.is_graph_input():
+                copy = ir.Value(name=f"{w.name}__select{i}", const_value=w.const_value)
+                copy.dtype, copy.shape = w.dtype, w.shape
+                graph.register_initializer(copy)
+                layer.node.replace_input_with(0 if layer.kind == "embedding" else 1, copy)
+                w = copy
+            used_weights.add(w.name)
+            w.dtype = w.dtype or w.const_value.dtype  # a graph input needs its type spelled out
+            w.shape = w.shape or ir.Shape(w.const_value.shape)
+            graph.inputs.append(w)
+            weight_inputs[name] = w.name
             continue
         x = layer.activation
-        st = calibration.stats.get(x.name)
-        options = [a for a in acts if a.dynamic or st is not None]
-        if not options or "local_activations" not in sens[name]:
+        if layer.kind == "embedding" or x is None or not spec.dynamic and x.name not in calibration.stats:
             continue
-        sel = ir.Value(name=f"lpcompile_select_{i}", const_value=ir.Tensor(np.array(0, np.int64), name=f"lpcompile_select_{i}"))
-        sel.dtype, sel.shape = ir.DataType.INT64, ir.Shape([])
+        sel = ir.Value(name=f"lpcompile_select_{i}",
+                       const_value=ir.Tensor(np.array(False), name=f"lpcompile_select_{i}"))
+        sel.dtype, sel.shape = ir.DataType.BOOL, ir.Shape([])
         graph.register_initializer(sel)
         graph.inputs.append(sel)
-        current = x
-        selectors[name] = {}
-        for code, a in enumerate(options, 1):
-            key = (x.name, str(a))
-            if key not in qdq_cache:
-                qdq_cache[key] = insert_activation_qdq(probe, layer, a, calibration)
-            const = ir.node("Constant", [], {"value": ir.Tensor(np.array(code, np.int64), name=f"{sel.name}_c{code}")},
-                            name=f"{sel.name}_const{code}")
-            eq = ir.node("Equal", [sel, const.outputs[0]], name=f"{sel.name}_eq{code}")
-            where = ir.node("Where", [eq.outputs[0], qdq_cache[key], current], name=f"{sel.name}_where{code}")
-            const.outputs[0].name, eq.outputs[0].name = f"{sel.name}_c{code}", f"{sel.name}_eq{code}"
-            where.outputs[0].name = f"{sel.name}_x{code}"
-            where.outputs[0].dtype, where.outputs[0].shape = x.dtype, x.shape
-            graph.insert_before(layer.node, [const, eq, where])
-            current = where.outputs[0]
-            selectors[name][(sel.name, code)] = a
-        layer.node.replace_input_with(0, current)
+        if x.name not in qdq_cache:
+            qdq_cache[x.name] = insert_activation_qdq(probe, layer, spec, calibration)
+        where = ir.node("Where", [sel, qdq_cache[x.name], x], name=f"{sel.name}_where")
+        where.outputs[0].name = f"{sel.name}_x"
+        where.outputs[0].dtype, where.outputs[0].shape = x.dtype or ir.DataType.FLOAT, x.shape
+        graph.insert_before(layer.node, where)
+        layer.node.replace_input_with(0, where.outputs[0])
+        selectors[name] = sel.name
     graph.sort()
     return probe, weight_inputs, selectors
