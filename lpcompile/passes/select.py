@@ -489,14 +489,15 @@ def measure_sensitivity(model: ir.Model, layers: Sequence[LinearLayer], calibrat
         s = {"kind": layer.kind, "shape": [k, n], "params": k * n,
              "weights": list(cfg.embeddings if layer.kind == "embedding" else cfg.weights)}
         x = captured.get(layer.name)
+        st = calibration.stats.get(layer.activation.name) if layer.activation is not None else None
+        gram = st.gram if st is not None else None  # GPTQ where Calibrate recorded XᵀX, as Quantize will
         s["local_weights"] = {}
         for spec_s in s["weights"]:
             spec = QuantSpec.parse(spec_s)
-            wq = quantize_weight(w, spec, "mse").dequantize().astype(np.float32)
+            wq = quantize_weight(w, spec, cfg.method, gram).dequantize().astype(np.float32)
             weight_q[(layer.name, str(spec))] = np.ascontiguousarray(wq.T if layer.transposed else wq)
             s["local_weights"][str(spec)] = _local_sqnr(layer, x, w, wq)
         if layer.kind != "embedding" and x is not None:
-            st = calibration.stats.get(layer.activation.name)
             ref = x @ w
             s["local_activations"] = {str(a): _sqnr_db(ref, fake_quantize_activation(x, a, st) @ w) for a in acts
                                       if st is not None or a.dynamic}

@@ -1,0 +1,77 @@
+"""`lpcompile.compile(..., format="auto")` on a small model, numerics checked in onnxruntime."""
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import lpcompile
+from lpcompile.errors import LpcompileError
+from tests.conftest import mlp_model, ort_run, sqnr_db
+
+
+def _data(seed, n=128):
+    x = np.random.default_rng(seed).standard_normal((n, 8, 256)).astype(np.float32)
+    x[..., :4] *= 30.0
+    return [{"x": x[i : i + 8]} for i in range(0, n, 8)], x
+
+
+def _avg_bits(art) -> float:
+    layers = art.report["layers"]
+    return sum(l["weight_bytes"] * 8 for l in layers) / sum(l["weight_bytes_fp32"] / 4 for l in layers)
+
+
+def _uneven_mlp():
+    """mlp_model with a few large input rows in the last (smallest) layer's weight: that layer is
+    far more sensitive to 4-bit weights than the others, and cheap to give more bits."""
+    model = mlp_model()
+    w3 = model.graph.initializers["w3"]
+    arr = w3.const_value.numpy().copy()
+    arr[:4] *= 12.0
+    w3.const_value = ir.Tensor(arr, name="w3")
+    return model
+
+
+def test_auto_spends_its_budget_where_it_pays_on_held_out_data():
+    """The best uniform recipe within 4.6 bits per weight is int4 (4.25); auto at 4.6 must meet the
+    budget and beat it clearly by giving the sensitive small layer more bits."""
+    calib, _ = _data(0)
+    _, held_out = _data(1)
+    model = _uneven_mlp()
+    ref = ort_run(model, {"x": held_out})[0]
+    uniform = lpcompile.compile(model, format="int4", calibration=calib, rotate="off")
+    auto = lpcompile.compile(model, format="auto", budget=4.6, calibration=calib, rotate="off")
+    assert _avg_bits(uniform) < auto.report["select"]["achieved"]["avg_weight_bits"] <= 4.6
+    chosen = {r["name"]: r["weights"] for r in auto.report["select"]["layers"]}
+    assert chosen["w3"].startswith(("int8", "fp8"))
+    got_uniform = sqnr_db(ref, ort_run(uniform.qdq_model, {"x": held_out})[0])
+    got_auto = sqnr_db(ref, ort_run(auto.qdq_model, {"x": held_out})[0])
+    assert got_auto > got_uniform + 3.0
+
+
+def test_min_cosine_is_met_on_the_calibration_data_and_verified():
+    calib, _ = _data(0, n=32)
+    art = lpcompile.compile(mlp_model(), format="auto", min_cosine=0.9995, calibration=calib, rotate="off")
+    sel = art.report["select"]
+    assert sel["budget"] == {"kind": "min_cosine", "value": 0.9995}
+    assert sel["verification"] and sel["verification"][-1]["measured_cosine"] >= 0.9995
+    assert art.report["totals"]["output_cosine"] >= 0.9995 and sel["achieved"]["budget_met"]
+    # fewer bits than int8 everywhere, which also meets it
+    assert sel["achieved"]["avg_weight_bits"] < 8.1
+
+
+def test_auto_with_exclude_keeps_the_layer_float_and_counts_it():
+    calib, _ = _data(0, n=32)
+    art = lpcompile.compile(mlp_model(), format="auto", budget=16.0, calibration=calib, rotate="off",
+                            exclude=[":first"])
+    rows = {r["name"]: r for r in art.report["select"]["layers"]}
+    assert rows["w1"]["weights"] == "float" and rows["w1"]["bits_per_weight"] == 32
+    assert art.report["select"]["achieved"]["avg_weight_bits"] <= 16.0
+
+
+def test_plan_for_another_model_is_refused(tmp_path):
+    calib, _ = _data(0)
+    from lpcompile.passes.select import LayerChoice, Plan
+
+    plan = Plan([LayerChoice("nope", None, None)])
+    with pytest.raises(LpcompileError, match="does not have: nope"):
+        lpcompile.compile(mlp_model(), format="auto", plan=plan, calibration=calib)
