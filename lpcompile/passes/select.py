@@ -366,11 +366,22 @@ class Select(ir.passes.InPlacePass):
         layers = find_linear_layers(model.graph)
         if not layers:
             raise PassError("select: the model has no linear layers")
-        sens = measure_sensitivity(model, layers, calibration, self)
+        key = self.measurement_key(layers, calibration)
+        cached = self.plan is not None and self.plan.sensitivity and self.plan.sensitivity.get("key") == key
+        sens = self.plan.sensitivity if cached else {"key": key, **measure_sensitivity(model, layers, calibration, self)}
         plan = self.solve(layers, sens)
         plan.totals["select_seconds"] = round(time.perf_counter() - start, 3)
+        plan.totals["sensitivity_cached"] = bool(cached)
         model.meta[PLAN_KEY] = plan
         return ir.passes.PassResult(model, modified=False)
+
+    def measurement_key(self, layers: Sequence[LinearLayer], calibration: Calibration) -> dict:
+        """What the measurements depend on; a plan whose sensitivity carries the same key is reused
+        instead of measured again (the cache lives in plan.json)."""
+        return {"layers": [[l.name, l.in_features, l.out_features] for l in layers], "rotation": self.rotation,
+                "calibration": calibration.source, "samples": self.samples, "rows": self.rows,
+                "method": self.method, "weights": list(self.weights), "embeddings": list(self.embeddings),
+                "activations": list(self.analysis_activations) + [str(a) for a in self.activations if a is not None]}
 
     # --- solving -------------------------------------------------------------------------------
 

@@ -146,7 +146,7 @@ def test_end_to_end_sensitivity_matches_onnxruntime_on_the_quantized_model(selec
     sens = plan.sensitivity[layer]
     ref = ort_run(model, {"x": x})[0]
     for spec in ("int4:channel(1):sym", "int8:channel(1):sym"):
-        got = ort_run(_only(model, layer, LayerPlan(QuantSpec.parse(spec), None, "mse")), {"x": x})[0]
+        got = ort_run(_only(model, layer, LayerPlan(QuantSpec.parse(spec), None, "gptq")), {"x": x})[0]
         assert sens["e2e_weights"][spec]["sqnr_db"] == pytest.approx(sqnr_db(ref, got), abs=0.02)
     for spec in ("int8:token:sym:dynamic", "fp8_e4m3:tensor:sym:mse", "uint8:tensor:asym"):
         got = ort_run(_only(model, layer, LayerPlan(None, QuantSpec.parse(spec))), {"x": x})[0]
@@ -228,3 +228,16 @@ def test_select_chart_is_a_valid_png(selected, tmp_path):
     w, h = struct.unpack(">II", raw[16:24])
     idat = raw[raw.index(b"IDAT") + 4 : raw.index(b"IEND") - 8]
     assert len(zlib.decompress(idat)) == h * (1 + 3 * w)
+
+
+def test_measurements_are_cached_in_the_plan_and_reused_for_a_new_goal(selected, tmp_path):
+    model, data, x, plan = selected
+    plan.save(tmp_path / "plan.json")
+    reused = Plan.load(tmp_path / "plan.json")
+    Select(data, budget_bits=4.2, activations=(None, "int8:token:sym:dynamic"), plan=reused)(model)
+    again = model.meta[PLAN_KEY]
+    assert again.totals["sensitivity_cached"] and again.totals["avg_weight_bits"] <= 4.2
+    assert again.sensitivity["w2"]["e2e_weights"] == plan.sensitivity["w2"]["e2e_weights"]
+    # other measurement settings: measured afresh
+    Select(data, budget_bits=4.2, samples=16, plan=reused)(model)
+    assert not model.meta[PLAN_KEY].totals["sensitivity_cached"]
