@@ -289,32 +289,40 @@ def _materialize(model: ir.Model, plan: Plan, progress: Progress | None) -> ir.M
 
 
 def _meet_min_cosine(model, reference, plan, selector, layers, data, batch_size, progress, tries: int = 4):
-    """Quantize as planned, measure the mean output cosine on the calibration data, and while it
-    misses the target re-solve for a smaller predicted loss (scaled by how far the prediction was
-    off). Returns the first QDQ model that meets it, else the most accurate one tried."""
+    """Quantize as planned and measure the mean output cosine on the calibration data; then
+    re-solve with the predicted loss rescaled by how far the prediction was off (tighter when the
+    target was missed, looser when it was beaten with room to spare), up to `tries` QDQ models.
+    Returns the cheapest one that met the target, else the most accurate one tried."""
     from lpcompile.report import measure_error
 
     target = selector.min_cosine
     loss_goal = 1.0 - target
-    history, best = [], None
-    for attempt in range(tries):
+    history, tried, met, best = [], set(), None, None
+    for _ in range(tries):
         qdq = _materialize(model, plan, progress)
         _, outputs = measure_error(reference, qdq, data.batches(batch_size))
         cos = float(np.mean(next(iter(outputs.values())).cosines))
+        bits = plan.totals["weight_bits"]
+        tried.add(tuple(str(c.weights) for c in plan.layers))
         history.append({"solved_for_cosine": 1.0 - loss_goal, "predicted_cosine": plan.totals.get("predicted_cosine"),
                         "measured_cosine": cos, "avg_weight_bits": plan.totals.get("avg_weight_bits")})
+        if cos >= target and (met is None or bits < met[1].totals["weight_bits"]):
+            met = (qdq, plan, cos)
         if best is None or cos > best[2]:
             best = (qdq, plan, cos)
-        if cos >= target:
-            best = (qdq, plan, cos)
-            break
         predicted_loss = max(1.0 - plan.totals["predicted_cosine"], 1e-12)
-        loss_goal *= min(predicted_loss / (1.0 - cos), 0.9)
+        ratio = predicted_loss / max(1.0 - cos, 1e-12)  # > 1: the prediction was pessimistic
+        loss_goal = (1.0 - target) * ratio * (0.95 if cos < target else 1.0)
+        if met is not None and cos < target:
+            break  # loosening overshot: keep the cheapest plan that met the target
         try:
-            plan = dataclasses.replace(selector, min_cosine=1.0 - loss_goal).solve(layers, plan.sensitivity)
+            plan = dataclasses.replace(selector, min_cosine=min(max(1.0 - loss_goal, 1e-6), 1 - 1e-12)).solve(
+                layers, plan.sensitivity)
         except LpcompileError:
             break
-    qdq, plan, cos = best
+        if tuple(str(c.weights) for c in plan.layers) in tried:
+            break
+    qdq, plan, cos = met or best
     plan.totals["verification"] = history
     plan.totals["measured_cosine"] = cos
     plan.totals["met"] = cos >= target

@@ -259,6 +259,8 @@ def select_report(plan, report: dict, layers) -> dict:
         "verification": plan.totals.get("verification"),
         "exponent_vs_outliers": exponent_agreement(rows),
         "pins": plan.pins,
+        "measurement_seconds": sens.get("@seconds"),
+        "sensitivity_cached": plan.totals.get("sensitivity_cached"),
         "layers": rows,
     }
 
@@ -321,6 +323,12 @@ def select_markdown(sel: dict) -> list[str]:
         f"- predicted by the sensitivity model: {_fmt(p.get('avg_weight_bits'), 4)} bits, SQNR "
         f"{_fmt(p.get('predicted_sqnr_db'))} dB, cosine {_fmt(p.get('predicted_cosine'), 5)}",
     ]
+    secs = sel.get("measurement_seconds")
+    if sel.get("sensitivity_cached"):
+        lines.append("- sensitivity: reused from the plan given (same model, calibration and settings)")
+    elif secs:
+        lines.append(f"- sensitivity measured on {secs['samples']} calibration samples: layer-local {secs['local']:.1f} s, "
+                     f"end-to-end {secs['end_to_end']:.1f} s")
     for v in sel.get("verification") or []:
         lines.append(f"  - solved for cosine {v['solved_for_cosine']:.5f}: {_fmt(v['avg_weight_bits'], 3)} bits, "
                      f"measured cosine {v['measured_cosine']:.5f} (calibration data)")

@@ -135,7 +135,7 @@ class Plan:
     budget: dict = field(default_factory=dict)
     totals: dict = field(default_factory=dict)
     pins: dict[str, dict] = field(default_factory=dict)
-    sensitivity: dict = field(default_factory=dict)  # layer -> measurements (see Select)
+    sensitivity: dict = field(default_factory=dict)  # layer -> measurements (see Select); "@key", "@seconds"
 
     def overrides(self) -> tuple[tuple[str, LayerPlan], ...]:
         """`Quantize(overrides=...)` for this plan: each layer by its exact (escaped) name."""
@@ -333,7 +333,7 @@ class Select(ir.passes.InPlacePass):
     budget_bits: float | None = None
     budget_bytes: float | None = None
     min_cosine: float | None = None
-    samples: int = 64
+    samples: int = 32
     batch_size: int = 16
     rows: int = 2048
     weights: tuple[str, ...] = WEIGHT_CANDIDATES
@@ -367,8 +367,8 @@ class Select(ir.passes.InPlacePass):
         if not layers:
             raise PassError("select: the model has no linear layers")
         key = self.measurement_key(layers, calibration)
-        cached = self.plan is not None and self.plan.sensitivity and self.plan.sensitivity.get("key") == key
-        sens = self.plan.sensitivity if cached else {"key": key, **measure_sensitivity(model, layers, calibration, self)}
+        cached = self.plan is not None and self.plan.sensitivity and self.plan.sensitivity.get("@key") == key
+        sens = self.plan.sensitivity if cached else {"@key": key, **measure_sensitivity(model, layers, calibration, self)}
         plan = self.solve(layers, sens)
         plan.totals["select_seconds"] = round(time.perf_counter() - start, 3)
         plan.totals["sensitivity_cached"] = bool(cached)
@@ -491,6 +491,7 @@ def measure_sensitivity(model: ir.Model, layers: Sequence[LinearLayer], calibrat
     acts = [QuantSpec.parse(a) for a in cfg.analysis_activations]
     acts += [a if isinstance(a, QuantSpec) else QuantSpec.parse(a) for a in cfg.activations
              if a is not None and str(a) not in {str(x) for x in acts}]
+    start = time.perf_counter()
     captured = _capture_inputs(model, layers, batches, cfg.rows)
     sens: dict[str, dict] = {}
     weight_q: dict[tuple[str, str], np.ndarray] = {}
@@ -522,7 +523,10 @@ def measure_sensitivity(model: ir.Model, layers: Sequence[LinearLayer], calibrat
         sens[layer.name] = s
         if cfg.progress:
             cfg.progress("select: layer-local", done + 1, len(layers))
+    local = time.perf_counter()
     _end_to_end(model, layers, calibration, batches, acts, weight_q, sens, cfg.progress)
+    sens["@seconds"] = {"local": round(local - start, 2), "end_to_end": round(time.perf_counter() - local, 2),
+                       "samples": sum(len(next(iter(b.values()))) for b in batches)}
     return sens
 
 
