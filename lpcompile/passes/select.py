@@ -141,9 +141,6 @@ class Plan:
         """`Quantize(overrides=...)` for this plan: each layer by its exact (escaped) name."""
         return tuple((glob.escape(c.name), LayerPlan(c.weights, c.activations, c.method)) for c in self.layers)
 
-    def by_name(self) -> dict[str, LayerChoice]:
-        return {c.name: c for c in self.layers}
-
     def to_json(self) -> dict:
         return {"version": 1, "budget": self.budget, "totals": self.totals, "pins": self.pins,
                 "layers": [c.to_json() for c in self.layers], "sensitivity": self.sensitivity}
@@ -427,15 +424,17 @@ class Select(ir.passes.InPlacePass):
         else:
             budget = {"kind": "min_cosine", "value": self.min_cosine}
             choice = solve_error(costs, loss, 1.0 - self.min_cosine)
-        chosen = []
+        chosen, unmeasured = [], []
         for layer, opts, j, c_, e_, l_ in zip(layers, groups, choice, costs, nsr, loss):
             w, a = opts[j]
             s = sens[layer.name]
+            pin = self.plan.pinned_choice(layer.name) if self.plan is not None else None
+            method = pin[2] if pin is not None else (self.method if w is not None else "mse")
+            if not _measured(s, w, a):
+                unmeasured.append(layer.name)
             chosen.append(LayerChoice(
-                layer.name, w, a, self.method if w is not None else "mse", self.rotation,
-                self._reason(layer, s, opts, j, c_, e_), tuple(s["shape"]), int(c_[j]),
-                {"nsr": e_[j], "cosine_loss": l_[j]},
-                pinned=len(opts) == 1 and self.plan is not None))
+                layer.name, w, a, method, self.rotation, self._reason(layer, s, opts, j, c_, e_),
+                tuple(s["shape"]), int(c_[j]), {"nsr": e_[j], "cosine_loss": l_[j]}, pinned=pin is not None))
         bits = sum(c.bits for c in chosen)
         params = sum(c.shape[0] * c.shape[1] for c in chosen)
         pred_nsr = sum(c.predicted["nsr"] for c in chosen)
@@ -445,7 +444,8 @@ class Select(ir.passes.InPlacePass):
                   "predicted_cosine": 1.0 - sum(c.predicted["cosine_loss"] for c in chosen),
                   "activation_bits_per_token": sum(
                       (c.activations.format.bits if c.activations else 32) * sens[c.name]["shape"][0]
-                      for c in chosen if sens[c.name]["kind"] != "embedding")}
+                      for c in chosen if sens[c.name]["kind"] != "embedding"),
+                  "unmeasured_pins": unmeasured}  # pinned to a format not among the candidates: counted as 0
         return Plan(chosen, budget, totals, dict(self.plan.pins) if self.plan else {}, sens)
 
     def _reason(self, layer, s, opts, j, costs, errors) -> str:
@@ -469,13 +469,18 @@ class Select(ir.passes.InPlacePass):
 
 
 def _e2e(s: dict, w: QuantSpec | None, a: QuantSpec | None, key: str) -> float:
-    """Predicted output error of a (weights, activations) pair: the two measured errors added."""
+    """Predicted output error of a (weights, activations) pair: the two measured errors added (a
+    format that was not measured, which only a pin can bring, counts 0)."""
     total = 0.0
     if w is not None:
-        total += s["e2e_weights"][str(w)][key]
+        total += s["e2e_weights"].get(str(w), {}).get(key, 0.0)
     if a is not None:
-        total += s["e2e_activations"][str(a)][key]
+        total += s["e2e_activations"].get(str(a), {}).get(key, 0.0)
     return total
+
+
+def _measured(s: dict, w: QuantSpec | None, a: QuantSpec | None) -> bool:
+    return (w is None or str(w) in s["e2e_weights"]) and (a is None or str(a) in s["e2e_activations"])
 
 
 # --- measuring ------------------------------------------------------------------------------------

@@ -185,6 +185,11 @@ def test_pins_are_respected_and_charged(selected):
     plan = model.meta[PLAN_KEY]
     got = {c.name: (str(c.weights), c.pinned) for c in plan.layers}
     assert got == {"w1": ("int8:channel(1):sym", True), "w2": ("None", True), "w3": ("None", True)}
+    # a pin to a format that is not a candidate: allowed, its error unknown (and said so)
+    Select(data, budget_bits=24.0, plan=Plan([], pins={"w1": {"weights": "int4:block(0,32):sym", "method": "rtn"}}))(model)
+    w1 = model.meta[PLAN_KEY].layers[0]
+    assert (str(w1.weights), w1.method, w1.pinned) == ("int4:block(0,32):sym", "rtn", True)
+    assert model.meta[PLAN_KEY].totals["unmeasured_pins"] == ["w1"]
     with pytest.raises(LpcompileError, match="below the smallest achievable 23.3"):
         Select(data, budget_bits=8.0, plan=Plan([], pins=pins))(model)
 
