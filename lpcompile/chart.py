@@ -24,7 +24,7 @@ _DIGITS = {  # 3x5 bitmaps, rows top to bottom
     "6": ("111", "100", "111", "101", "111"), "7": ("111", "001", "010", "010", "010"),
     "8": ("111", "101", "111", "101", "111"), "9": ("111", "101", "111", "001", "111"),
 }
-CELL_W, CELL_H, LABEL_W, TOP, GAP, SCALE = 16, 10, 22, 16, 12, 2
+CELL_W, CELL_H, LABEL_W, TOP, GAP, SCALE, LEGEND = 28, 14, 30, 18, 16, 2, 34
 EXMY_COLUMNS = ("e2m5", "e3m4", "e4m3", "e5m2")
 
 
@@ -51,27 +51,43 @@ def _text(img: np.ndarray, x: int, y: int, text: str) -> None:
 
 
 def _box(img: np.ndarray, x: int, y: int) -> None:
-    img[y, x : x + CELL_W] = img[y + CELL_H - 1, x : x + CELL_W] = 0
-    img[y : y + CELL_H, x] = img[y : y + CELL_H, x + CELL_W - 1] = 0
+    for t in range(2):  # two pixels wide
+        img[y + t, x : x + CELL_W] = img[y + CELL_H - 1 - t, x : x + CELL_W] = 0
+        img[y : y + CELL_H, x + t] = img[y : y + CELL_H, x + CELL_W - 1 - t] = 0
+
+
+def columns(select: dict) -> list[str]:
+    """The weight formats of the left map, in column order."""
+    return list(dict.fromkeys(k for r in select["layers"] for k in r["e2e_sqnr_db"])) + ["float"]
 
 
 def render(select: dict) -> np.ndarray:
     """The chart of `report["select"]` as an RGB uint8 image."""
     rows = select["layers"]
-    columns = list(dict.fromkeys(k for r in rows for k in r["e2e_sqnr_db"])) + ["float"]
+    columns_ = columns(select)
     left = LABEL_W
-    right = left + len(columns) * CELL_W + GAP
+    right = left + len(columns_) * CELL_W + GAP
     width = right + len(EXMY_COLUMNS) * CELL_W + 4
-    height = TOP + len(rows) * CELL_H + 4
+    width = max(width, LABEL_W + 7 * 4 * CELL_W // 4 + 8)
+    height = TOP + len(rows) * CELL_H + 4 + LEGEND
     img = np.full((height, width, 3), 255, np.uint8)
-    for j in range(len(columns)):
-        _text(img, left + j * CELL_W + 3, 2, str(j % 10))
+    # legend: the colour scale, ticks every 10 dB
+    y0 = TOP + len(rows) * CELL_H + 8
+    span = 6 * CELL_W
+    for i in range(span):
+        img[y0 : y0 + 10, left + i] = sqnr_colour(60.0 * i / (span - 1))
+    for db in range(0, 70, 10):
+        x = left + min(int(db / 60 * (span - 1)), span - 1)
+        img[y0 + 10 : y0 + 13, x] = 0
+        _text(img, max(x - 3, 0), y0 + 14, str(db))
+    for j in range(len(columns_)):
+        _text(img, left + j * CELL_W + CELL_W // 2 - 3, 2, str(j % 10))
     for j in range(len(EXMY_COLUMNS)):
-        _text(img, right + j * CELL_W + 3, 2, str(j + 2))  # the exponent bits
+        _text(img, right + j * CELL_W + CELL_W // 2 - 3, 2, str(j + 2))  # the exponent bits
     for i, r in enumerate(rows):
         y = TOP + i * CELL_H
-        _text(img, 1, y, str(i))
-        for j, col in enumerate(columns):
+        _text(img, 2, y + 2, str(i))
+        for j, col in enumerate(columns_):
             x = left + j * CELL_W
             db = 200.0 if col == "float" else r["e2e_sqnr_db"].get(col)
             img[y : y + CELL_H, x : x + CELL_W] = sqnr_colour(db)

@@ -312,6 +312,8 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 
 def select_markdown(sel: dict) -> list[str]:
+    from lpcompile.chart import columns
+
     b, p, a = sel["budget"], sel["predicted"], sel["achieved"]
     goal = {"bits": f"average weight bits <= {b.get('value')}", "bytes": f"weight bytes <= {b.get('value')}",
             "min_cosine": f"mean output cosine >= {b.get('value')}"}.get(b.get("kind"), "reused plan")
@@ -340,9 +342,11 @@ def select_markdown(sel: dict) -> list[str]:
                                  for k, v in ag["by_best_exponent"].items()))
     lines += [
         "", "![per-layer sensitivity and the chosen format](select.png)", "",
-        "Chart: one row per layer (numbered as below), one column per weight candidate; colour = end-to-end "
-        "output SQNR with only that layer quantized (dark red 0 dB ... bright green >= 60 dB); the chosen "
-        "format is boxed (a box in the last column: kept in float).", "",
+        "Chart, left: one row per layer (numbered as below), one column per weight format (columns: "
+        + ", ".join(f"{i} = {c}" for i, c in enumerate(columns(sel))) + "); colour = end-to-end output SQNR "
+        "with only that layer's weights quantized (scale below the map, dB; grey: not a candidate for the layer); "
+        "the chosen format is boxed. Right: layer-local SQNR of the layer's input in E2M5, E3M4, E4M3, E5M2 "
+        "(columns = exponent bits), the best boxed.", "",
         "| # | layer | chosen weights | bits/w | e2e SQNR dB per weight format | input: max/median, kurtosis | "
         "best ExMy (input / weights) | deployable FP8, gap dB | reason |",
         "|---|---|---|---|---|---|---|---|---|",
