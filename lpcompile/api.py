@@ -165,7 +165,8 @@ def compile(
     user_plan = Plan.load(plan) if isinstance(plan, (str, os.PathLike)) else plan
     goals = [g for g in (budget, budget_bytes, min_cosine) if g is not None]
     if auto and (len(goals) > 1 or not goals and user_plan is None):
-        raise LpcompileError("format 'auto' needs one goal: --budget BITS, --min-cosine C (or --plan FILE to reuse a plan)")
+        raise LpcompileError("format 'auto' needs one goal: --budget BITS, --budget-bytes B or --min-cosine C "
+                             "(or --plan FILE to reuse a plan)")
     if auto and goals:  # a bad goal fails now, not after calibration (Select validates on construction)
         Select(None, budget_bits=budget, budget_bytes=budget_bytes, min_cosine=min_cosine)
     rotate = rotate or (recipe.default_rotate if recipe else "auto")

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantization recipe (default int4), or auto: a per-layer choice under --budget / --min-cosine")
     p.add_argument("--budget", type=float, metavar="BITS",
                    help="--format auto: average bits per weight over the linear layers, scales included (e.g. 4.5)")
+    p.add_argument("--budget-bytes", type=float, metavar="BYTES",
+                   help="--format auto: total bytes of the linear weights and tables, scales included")
     p.add_argument("--min-cosine", type=float, metavar="C",
                    help="--format auto: fewest bits whose mean output cosine on the calibration data is >= C")
     p.add_argument("--plan", metavar="FILE",
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=progress,
             rotate=args.rotate,
             budget=args.budget,
+            budget_bytes=args.budget_bytes,
             min_cosine=args.min_cosine,
             plan=args.plan,
         )

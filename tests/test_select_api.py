@@ -75,3 +75,14 @@ def test_plan_for_another_model_is_refused(tmp_path):
     plan = Plan([LayerChoice("nope", None, None)])
     with pytest.raises(LpcompileError, match="does not have: nope"):
         lpcompile.compile(mlp_model(), format="auto", plan=plan, calibration=calib)
+
+
+def test_bytes_budget_is_met_by_the_stored_weights():
+    calib, _ = _data(0, n=32)
+    model = mlp_model()
+    params = (256 * 384 + 384 * 384 + 384 * 64)
+    budget = params * 5 / 8  # 5 bits per weight, in bytes
+    art = lpcompile.compile(model, format="auto", budget_bytes=budget, calibration=calib, rotate="off")
+    stored = sum(l["weight_bytes"] for l in art.report["layers"])
+    assert stored <= budget and art.report["select"]["achieved"]["budget_met"]
+    assert art.report["select"]["budget"] == {"kind": "bytes", "value": budget}
