@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-bytes", type=float, metavar="BYTES",
                    help="--format auto: total bytes of the linear weights and tables, scales included")
     p.add_argument("--min-cosine", type=float, metavar="C",
-                   help="--format auto: fewest bits whose mean output cosine on the calibration data is >= C")
+                   help="--format auto: fewest bits whose mean output cosine is >= C on calibration batches held out "
+                        "from fitting (every fourth)")
     p.add_argument("--plan", metavar="FILE",
                    help="--format auto: a plan.json to reuse (alone) or whose pins to respect (with a goal)")
     p.add_argument("-o", "--output", help="output directory (default: <model-stem>.lpc next to the model)")

@@ -48,11 +48,12 @@ def test_auto_spends_its_budget_where_it_pays_on_held_out_data():
     assert got_auto > got_uniform + 3.0
 
 
-def test_min_cosine_is_met_on_the_calibration_data_and_verified():
+def test_min_cosine_is_met_on_held_out_calibration_batches_and_verified():
     calib, _ = _data(0, n=32)
     art = lpcompile.compile(mlp_model(), format="auto", min_cosine=0.9995, calibration=calib, rotate="off")
     sel = art.report["select"]
-    assert sel["budget"] == {"kind": "min_cosine", "value": 0.9995}
+    assert (sel["budget"]["kind"], sel["budget"]["value"]) == ("min_cosine", 0.9995)
+    assert "8 held out to verify --min-cosine" in art.report["calibration"]["source"]
     assert sel["verification"] and sel["verification"][-1]["measured_cosine"] >= 0.9995
     assert art.report["totals"]["output_cosine"] >= 0.9995 and sel["achieved"]["budget_met"]
     # fewer bits than int8 everywhere, which also meets it
@@ -86,3 +87,9 @@ def test_bytes_budget_is_met_by_the_stored_weights():
     stored = sum(l["weight_bytes"] for l in art.report["layers"])
     assert stored <= budget and art.report["select"]["achieved"]["budget_met"]
     assert art.report["select"]["budget"] == {"kind": "bytes", "value": budget}
+
+
+def test_min_cosine_needs_a_batch_to_verify_on():
+    calib, _ = _data(0, n=8)
+    with pytest.raises(LpcompileError, match="too few"):
+        lpcompile.compile(mlp_model(), format="auto", min_cosine=0.99, calibration=calib, rotate="off")
