@@ -246,3 +246,20 @@ def test_measurements_are_cached_in_the_plan_and_reused_for_a_new_goal(selected,
     # other measurement settings: measured afresh
     Select(data, budget_bits=4.2, samples=16, plan=reused)(model)
     assert not model.meta[PLAN_KEY].totals["sensitivity_cached"]
+
+
+@pytest.mark.parametrize("spec", ["int8:token:sym:dynamic", "int4:token:sym:dynamic", "uint8:tensor:asym",
+                                  "fp8_e4m3:tensor:sym:mse", "fp8_e5m2:tensor:sym:mse"])
+def test_numpy_activation_quantization_is_what_onnxruntime_computes(spec):
+    """The layer-local numbers rest on fake_quantize_activation: it must equal the QDQ graph."""
+    import onnx
+
+    from lpcompile.passes.select import fake_quantize_activation
+
+    model, _, x = _calibrated()
+    stats = model.meta[CALIBRATION_KEY].stats["x"]
+    Quantize(None, overrides=(("w1", LayerPlan(None, QuantSpec.parse(spec))),))(model)
+    proto = ir.to_proto(model)
+    proto.graph.output.append(onnx.ValueInfoProto(name="x_qdq"))
+    got = ort_run(proto, {"x": x})[1]
+    np.testing.assert_allclose(fake_quantize_activation(x, QuantSpec.parse(spec), stats), got, rtol=1e-6, atol=1e-6)
