@@ -243,10 +243,30 @@ def compile(
                             "embeddings": str(recipe.embeddings) if recipe.embeddings else None, "method": recipe.method,
                             "description": recipe.description}
     else:
+        _annotate_rotations(chosen, qdq.meta.get(ROTATE_KEY), rotate)
         report["select"] = select_report(chosen, report, find_linear_layers(float_model.graph))
     report["stages_seconds"] = {k: round(v, 3) for k, v in stages.items()}
     report["rotate"] = {"mode": rotate, **_rotation_summary(qdq.meta.get(ROTATE_KEY))}
     return CompiledModel(qdq, report, recipe, target, tuple(emit), plan=chosen)
+
+
+def _annotate_rotations(plan: Plan, meta: dict | None, mode: str) -> None:
+    """Each plan entry's `rotation`: how the rotate pass turned that layer's input (folded into a
+    residual-stream region or a producer/consumer chain, online, or none)."""
+    per_layer: dict[str, str] = {}
+    for region in (meta or {}).get("regions", []):
+        if region.get("status") == "folded":
+            for name in region.get("consumers", []):
+                per_layer[name] = f"folded ({region['name']}: {region.get('rotation', '')})"
+    for chain in (meta or {}).get("chains", []):
+        if chain.get("status") == "folded":
+            for name in chain.get("consumers", []):
+                per_layer[name] = f"folded ({chain['name']}: {chain.get('rotation', '')})"
+    for entry in (meta or {}).get("online", []):
+        for name in entry.get("layers", []):
+            per_layer[name] = f"online ({entry.get('rotation', '')})"
+    for choice in plan.layers:
+        choice.rotation = per_layer.get(choice.name, "none" if mode == "off" else f"none (rotate {mode})")
 
 
 def _split_for_verification(data: CalibrationData, batch_size: int, every: int = 4):

@@ -103,6 +103,7 @@ def test_auto_writes_a_plan_that_meets_the_budget_and_can_be_reused(model_file, 
     assert "## Format selection" in md and "![per-layer sensitivity and the chosen format](select.png)" in md
     plan = json.loads((out / "plan.json").read_text())
     assert [l["name"] for l in plan["layers"]] == ["w1", "w2", "w3"]
+    assert all(l["rotation"] == "none" and l["reason"] and l["weights"] for l in plan["layers"])
     # reuse with a pin: no sensitivity run, the pinned layer takes the pinned format
     plan["pins"] = {"w2": {"weights": "int8:channel(1):sym"}}
     (tmp_path / "edited.json").write_text(json.dumps(plan))
