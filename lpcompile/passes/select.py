@@ -48,7 +48,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lpcompile.errors import FormatError, LpcompileError, PassError
-from lpcompile.formats import FloatFormat, IntFormat, PerChannel, PerTensor, QuantSpec, fp8_exmy
+from lpcompile.formats import PerChannel, PerTensor, QuantSpec, fp8_exmy
 from lpcompile.ir.patterns import LinearLayer, find_linear_layers
 from lpcompile.ir.run import OrtRunner
 from lpcompile.passes.calibrate import CALIBRATION_KEY, Calibration
@@ -370,6 +370,9 @@ class Select(ir.passes.InPlacePass):
         plan.totals["select_seconds"] = round(time.perf_counter() - start, 3)
         plan.totals["sensitivity_cached"] = bool(cached)
         model.meta[PLAN_KEY] = plan
+        log.info("select: %d layers, %.4f bits per weight, predicted output SQNR %.2f dB (%s)", len(plan.layers),
+                 plan.totals["avg_weight_bits"], plan.totals["predicted_sqnr_db"],
+                 "measurements reused" if cached else f"measured in {plan.totals['select_seconds']:.1f} s")
         return ir.passes.PassResult(model, modified=False)
 
     def measurement_key(self, layers: Sequence[LinearLayer], calibration: Calibration) -> dict:
