@@ -331,7 +331,7 @@ def _materialize(model: ir.Model, plan: Plan, progress: Progress | None) -> ir.M
 
 def _meet_min_cosine(model, reference, plan, selector, layers, data, batch_size, progress, tries: int = 4):
     """Quantize as planned and measure the mean output cosine on `data` (calibration batches held
-    out from fitting); then
+    out from fitting), taking its one-sided 95% lower confidence bound; then
     re-solve with the predicted loss rescaled by how far the prediction was off (tighter when the
     target was missed, looser when it was beaten with room to spare), up to `tries` QDQ models.
     Returns the cheapest one that met the target, else the most accurate one tried."""
@@ -343,11 +343,17 @@ def _meet_min_cosine(model, reference, plan, selector, layers, data, batch_size,
     for _ in range(tries):
         qdq = _materialize(model, plan, progress)
         _, outputs = measure_error(reference, qdq, data.batches(batch_size))
-        cos = float(np.mean(next(iter(outputs.values())).cosines))
+        samples = np.array(next(iter(outputs.values())).cosines, np.float64)
+        # The held-out batches are a sample too: the target must hold for the one-sided 95% lower
+        # confidence bound of the mean cosine, not just for the mean (MiniLM: a mean of 0.99503 on
+        # 56 held-out calibration sentences was 0.99438 on the 224 evaluation sentences).
+        mean = float(samples.mean())
+        cos = mean - 1.645 * float(samples.std(ddof=1)) / np.sqrt(len(samples)) if len(samples) > 1 else mean
         bits = plan.totals["weight_bits"]
         tried.add(tuple(str(c.weights) for c in plan.layers))
         history.append({"solved_for_cosine": 1.0 - loss_goal, "predicted_cosine": plan.totals.get("predicted_cosine"),
-                        "measured_cosine": cos, "avg_weight_bits": plan.totals.get("avg_weight_bits")})
+                        "measured_cosine": mean, "measured_cosine_lower_bound": cos, "samples": len(samples),
+                        "avg_weight_bits": plan.totals.get("avg_weight_bits")})
         if cos >= target and (met is None or bits < met[1].totals["weight_bits"]):
             met = (qdq, plan, cos)
         if best is None or cos > best[2]:
@@ -367,7 +373,7 @@ def _meet_min_cosine(model, reference, plan, selector, layers, data, batch_size,
     qdq, plan, cos = met or best
     plan.budget = {"kind": "min_cosine", "value": target, "solved_for": plan.budget.get("value")}
     plan.totals["verification"] = history
-    plan.totals["measured_cosine"] = cos
+    plan.totals["measured_cosine_lower_bound"] = cos
     plan.totals["met"] = cos >= target
     qdq.meta[PLAN_KEY] = plan
     return qdq, plan

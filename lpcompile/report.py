@@ -333,7 +333,8 @@ def select_markdown(sel: dict) -> list[str]:
                      f"end-to-end {secs['end_to_end']:.1f} s")
     for v in sel.get("verification") or []:
         lines.append(f"  - solved for cosine {v['solved_for_cosine']:.5f}: {_fmt(v['avg_weight_bits'], 3)} bits, "
-                     f"measured cosine {v['measured_cosine']:.5f} (held-out calibration batches)")
+                     f"measured cosine {v['measured_cosine']:.5f}, 95% lower bound "
+                     f"{v.get('measured_cosine_lower_bound', float('nan')):.5f} ({v.get('samples')} held-out calibration samples)")
     ag = sel["exponent_vs_outliers"]
     if "spearman_best_exmy" in ag:
         lines.append(f"- FP8 exponent vs outliers over {ag['layers']} layer inputs: Spearman "

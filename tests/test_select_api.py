@@ -54,7 +54,7 @@ def test_min_cosine_is_met_on_held_out_calibration_batches_and_verified():
     sel = art.report["select"]
     assert (sel["budget"]["kind"], sel["budget"]["value"]) == ("min_cosine", 0.9995)
     assert "8 held out to verify --min-cosine" in art.report["calibration"]["source"]
-    assert sel["verification"] and sel["verification"][-1]["measured_cosine"] >= 0.9995
+    assert any(v["measured_cosine_lower_bound"] >= 0.9995 for v in sel["verification"])
     assert art.report["totals"]["output_cosine"] >= 0.9995 and sel["achieved"]["budget_met"]
     # fewer bits than int8 everywhere, which also meets it
     assert sel["achieved"]["avg_weight_bits"] < 8.1
