@@ -280,17 +280,22 @@ def exponent_agreement(rows: list[dict]) -> dict:
     """Spearman rank correlation, over layers with an ExMy analysis, between the input's outlier
     severity (largest / median channel max) and the exponent bits of the best ExMy format for the
     input (and for the deployable E4M3/E5M2 choice). +1: heavier outliers always got more exponent."""
-    pts = [(r["outliers"]["max_to_median"], int(r["exmy"]["activations_best"]["exmy"][1]),
-            int(r["exmy"]["activations_best"]["deployable"][1]))
+    pts = [(r["outliers"]["max_to_median"], r["outliers"]["kurtosis"], int(r["exmy"]["activations_best"]["exmy"][1]),
+            int(r["exmy"]["activations_best"]["deployable"][1]),
+            r["exmy"]["activations_db"]["e4m3"] - r["exmy"]["activations_db"]["e2m5"])
            for r in rows if r.get("outliers") and (r.get("exmy") or {}).get("activations_best")]
     if len(pts) < 3:
         return {"layers": len(pts)}
-    sev, best_e, deploy_e = (np.array(v, np.float64) for v in zip(*pts))
+    sev, kurt, best_e, deploy_e, gain = (np.array(v, np.float64) for v in zip(*pts))
     by_exponent = {}
     for e in sorted(set(best_e.astype(int))):
         by_exponent[f"e{e}"] = {"layers": int((best_e == e).sum()), "median_max_to_median": float(np.median(sev[best_e == e]))}
+    # The argmax is coarse (often one split wins everywhere); the dB that two more exponent bits
+    # buy (E4M3 over E2M5) shows the same trend continuously.
     return {"layers": len(pts), "spearman_best_exmy": _spearman(sev, best_e),
-            "spearman_deployable": _spearman(sev, deploy_e), "by_best_exponent": by_exponent}
+            "spearman_deployable": _spearman(sev, deploy_e),
+            "spearman_exponent_gain_vs_max_to_median": _spearman(sev, gain),
+            "spearman_exponent_gain_vs_kurtosis": _spearman(kurt, gain), "by_best_exponent": by_exponent}
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -337,8 +342,11 @@ def select_markdown(sel: dict) -> list[str]:
                      f"{v.get('measured_cosine_lower_bound', float('nan')):.5f} ({v.get('samples')} held-out calibration samples)")
     ag = sel["exponent_vs_outliers"]
     if "spearman_best_exmy" in ag:
-        lines.append(f"- FP8 exponent vs outliers over {ag['layers']} layer inputs: Spearman "
-                     f"{_fmt(ag['spearman_best_exmy'])} (best ExMy), {_fmt(ag['spearman_deployable'])} (E4M3/E5M2); "
+        lines.append(f"- FP8 exponent vs outliers over {ag['layers']} layer inputs (Spearman with the largest/median "
+                     f"channel max): {_fmt(ag['spearman_best_exmy'])} for the best ExMy's exponent bits, "
+                     f"{_fmt(ag['spearman_deployable'])} for the E4M3/E5M2 choice, "
+                     f"{_fmt(ag['spearman_exponent_gain_vs_max_to_median'])} for the dB E4M3 gains over E2M5 "
+                     f"({_fmt(ag['spearman_exponent_gain_vs_kurtosis'])} against kurtosis); "
                      + ", ".join(f"best {k}: {v['layers']} layers, median max/median {v['median_max_to_median']:.1f}"
                                  for k, v in ag["by_best_exponent"].items()))
     lines += [
