@@ -6,6 +6,7 @@ import dataclasses
 import fnmatch
 import glob
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -348,7 +349,7 @@ def _meet_min_cosine(model, reference, plan, selector, layers, data, batch_size,
         # confidence bound of the mean cosine, not just for the mean (MiniLM: a mean of 0.99503 on
         # 56 held-out calibration sentences was 0.99438 on the 224 evaluation sentences).
         mean = float(samples.mean())
-        cos = mean - 1.645 * float(samples.std(ddof=1)) / np.sqrt(len(samples)) if len(samples) > 1 else mean
+        cos = mean - 1.645 * float(samples.std(ddof=1)) / math.sqrt(len(samples)) if len(samples) > 1 else mean
         bits = plan.totals["weight_bits"]
         tried.add(tuple(str(c.weights) for c in plan.layers))
         history.append({"solved_for_cosine": 1.0 - loss_goal, "predicted_cosine": plan.totals.get("predicted_cosine"),
@@ -374,7 +375,7 @@ def _meet_min_cosine(model, reference, plan, selector, layers, data, batch_size,
     plan.budget = {"kind": "min_cosine", "value": target, "solved_for": plan.budget.get("value")}
     plan.totals["verification"] = history
     plan.totals["measured_cosine_lower_bound"] = cos
-    plan.totals["met"] = cos >= target
+    plan.totals["met"] = bool(cos >= target)
     qdq.meta[PLAN_KEY] = plan
     return qdq, plan
 

@@ -1,5 +1,7 @@
 """`lpcompile.compile(..., format="auto")` on a small model, numerics checked in onnxruntime."""
 
+import json
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -48,7 +50,7 @@ def test_auto_spends_its_budget_where_it_pays_on_held_out_data():
     assert got_auto > got_uniform + 3.0
 
 
-def test_min_cosine_is_met_on_held_out_calibration_batches_and_verified():
+def test_min_cosine_is_met_on_held_out_calibration_batches_and_verified(tmp_path):
     calib, _ = _data(0, n=32)
     art = lpcompile.compile(mlp_model(), format="auto", min_cosine=0.9995, calibration=calib, rotate="off")
     sel = art.report["select"]
@@ -56,6 +58,8 @@ def test_min_cosine_is_met_on_held_out_calibration_batches_and_verified():
     assert "8 held out to verify --min-cosine" in art.report["calibration"]["source"]
     assert any(v["measured_cosine_lower_bound"] >= 0.9995 for v in sel["verification"])
     assert art.report["totals"]["output_cosine"] >= 0.9995 and sel["achieved"]["budget_met"]
+    art.save(tmp_path / "out")  # the plan and report are plain JSON
+    assert json.loads((tmp_path / "out" / "plan.json").read_text())["totals"]["met"] is True
     # fewer bits than int8 everywhere, which also meets it
     assert sel["achieved"]["avg_weight_bits"] < 8.1
 
