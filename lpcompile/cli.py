@@ -59,13 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="lpcompile",
         description="Quantize an ONNX model to INT4/INT8/FP8 and compile it for a target.",
-        epilog="formats: " + "; ".join(f"{r.name} = {r.description}" for r in RECIPES.values()),
+        epilog="formats: " + "; ".join(f"{r.name} = {r.description}" for r in RECIPES.values())
+        + "; auto = per-layer formats chosen by measured sensitivity (writes plan.json and select.png)",
     )
     p.add_argument("model", help="an .onnx file (external data next to it is fine)")
     p.add_argument("--target", default="llvm",
                    help=f"{' | '.join(TARGETS)}: llvm = this CPU; aarch64[:CPU] cross-compiles for 64-bit Arm Linux "
                         "(LLVM CPU name, e.g. neoverse-v1); cuda[:sm_80|sm_86|sm_89|sm_90] (default sm_80)")
-    p.add_argument("--format", default="int4", choices=list(RECIPES), help="quantization recipe (default int4)")
+    p.add_argument("--format", default="int4", choices=[*RECIPES, "auto"],
+                   help="quantization recipe (default int4), or auto: a per-layer choice under --budget / --min-cosine")
+    p.add_argument("--budget", type=float, metavar="BITS",
+                   help="--format auto: average bits per weight over the linear layers, scales included (e.g. 4.5)")
+    p.add_argument("--budget-bytes", type=float, metavar="BYTES",
+                   help="--format auto: total bytes of the linear weights and tables, scales included")
+    p.add_argument("--min-cosine", type=float, metavar="C",
+                   help="--format auto: fewest bits whose mean output cosine is >= C on calibration batches held out "
+                        "from fitting (every fourth)")
+    p.add_argument("--plan", metavar="FILE",
+                   help="--format auto: a plan.json to reuse (alone) or whose pins to respect (with a goal)")
     p.add_argument("-o", "--output", help="output directory (default: <model-stem>.lpc next to the model)")
     p.add_argument("--calibration", help="an .npz file (arrays named after the model inputs, first axis = samples), "
                    "a directory of them, or random:N for a smoke run")
@@ -109,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             progress=progress,
             rotate=args.rotate,
+            budget=args.budget,
+            budget_bytes=args.budget_bytes,
+            min_cosine=args.min_cosine,
+            plan=args.plan,
         )
         result.save(out)
     except LpcompileError as e:
@@ -130,8 +145,11 @@ def _summary(out: Path, report: dict) -> str:
     measured = (f"output cosine {cos:.5f}, SQNR {sq:.1f} dB" if cos is not None and sq is not None
                 else "error not measured (no calibration data)")
     smoke = " [smoke run on random inputs]" if (report.get("calibration") or {}).get("is_random") else ""
+    sel = report.get("select")
+    auto = (f"; {sel['achieved']['avg_weight_bits']:.3f} bits/weight, goal met: {sel['achieved']['budget_met']}"
+            if sel else "")
     return (f"{out}: {report['format']} for {report['target']}: {t['layers_quantized']} layers, weights "
-            f"{t['weight_bytes'] / 1e6:.2f} MB ({ratio:.3f}x fp32), {measured}{smoke}")
+            f"{t['weight_bytes'] / 1e6:.2f} MB ({ratio:.3f}x fp32), {measured}{auto}{smoke}")
 
 
 if __name__ == "__main__":

@@ -186,6 +186,8 @@ def to_markdown(report: dict) -> str:
             f"{l['weight_bytes_fp32']:,} → {l['weight_bytes']:,} | {_fmt(l['sqnr_db'])} |"
         )
     lines += _rotation_section(report.get("rotate"))
+    if report.get("select"):
+        lines += select_markdown(report["select"])
     return "\n".join(lines) + "\n"
 
 
@@ -244,3 +246,168 @@ def _mb(n: int) -> str:
 
 def dumps(report: dict) -> str:
     return json.dumps(report, indent=2, allow_nan=False)
+
+
+# --- format selection (format="auto") ------------------------------------------------------------
+
+
+def select_report(plan, report: dict, layers) -> dict:
+    """What select chose and why, next to what the QDQ model achieved: per layer the chosen
+    formats, the measured sensitivity of every candidate, the ExMy analysis and outlier severity;
+    totals (achieved average weight bits count float layers at 32 bits); and whether the FP8
+    exponent choice follows the outliers (rank correlation of the input's max/median channel
+    ratio with the exponent bits of its best ExMy format)."""
+    measured = {l["name"]: l for l in report["layers"]}
+    params = {l.name: l.in_features * l.out_features for l in layers}
+    sens = plan.sensitivity or {}
+    rows, bits = [], 0
+    for choice in plan.layers:
+        q = measured.get(choice.name)
+        layer_bits = q["weight_bytes"] * 8 if q and q["weight_format"] != "float32" else 32 * params[choice.name]
+        bits += layer_bits
+        s = sens.get(choice.name, {})
+        exmy = s.get("exmy") or {}
+        rows.append({
+            "name": choice.name,
+            "weights": str(choice.weights) if choice.weights else "float",
+            "activations": str(choice.activations) if choice.activations else "float",
+            "reason": choice.reason,
+            "bits_per_weight": layer_bits / params[choice.name],
+            "predicted_nsr": choice.predicted.get("nsr"),
+            "layer_sqnr_db": q["sqnr_db"] if q else None,
+            "e2e_sqnr_db": {k: v["sqnr_db"] for k, v in (s.get("e2e_weights") or {}).items()},
+            "e2e_activation_sqnr_db": {k: v["sqnr_db"] for k, v in (s.get("e2e_activations") or {}).items()},
+            "local_sqnr_db": s.get("local_weights") or {},
+            "local_activation_sqnr_db": s.get("local_activations") or {},
+            "exmy": exmy,
+            "fp8_activation": s.get("fp8_activation"),
+            "outliers": s.get("outliers"),
+        })
+    planned = {c.name for c in plan.layers}
+    bits += sum(32 * p for n, p in params.items() if n not in planned)
+    total_params = sum(params.values())
+    achieved = bits / total_params if total_params else 0.0
+    return {
+        "budget": plan.budget,
+        "predicted": {k: plan.totals.get(k) for k in ("avg_weight_bits", "predicted_sqnr_db", "predicted_cosine")},
+        "achieved": {"avg_weight_bits": achieved, "weight_bytes": bits / 8,
+                     "output_sqnr_db": report["totals"]["output_sqnr_db"],
+                     "output_cosine": report["totals"]["output_cosine"],
+                     "budget_met": _budget_met(plan.budget, achieved, bits / 8, report["totals"]["output_cosine"])},
+        "verification": plan.totals.get("verification"),
+        "exponent_vs_outliers": exponent_agreement(rows),
+        "pins": plan.pins,
+        "measurement_seconds": sens.get("@seconds"),
+        "sensitivity_cached": plan.totals.get("sensitivity_cached"),
+        "layers": rows,
+    }
+
+
+def _budget_met(budget: dict, avg_bits: float, total_bytes: float, cosine: float | None) -> bool | None:
+    kind, value = budget.get("kind"), budget.get("value")
+    if kind == "bits":
+        return avg_bits <= value + 1e-9
+    if kind == "bytes":
+        return total_bytes <= value
+    if kind == "min_cosine":
+        return cosine is not None and cosine >= value
+    return None
+
+
+def exponent_agreement(rows: list[dict]) -> dict:
+    """Spearman rank correlation, over layers with an ExMy analysis, between the input's outlier
+    severity (largest / median channel max) and the exponent bits of the best ExMy format for the
+    input (and for the deployable E4M3/E5M2 choice). +1: heavier outliers always got more exponent."""
+    pts = [(r["outliers"]["max_to_median"], r["outliers"]["kurtosis"], int(r["exmy"]["activations_best"]["exmy"][1]),
+            int(r["exmy"]["activations_best"]["deployable"][1]),
+            r["exmy"]["activations_db"]["e4m3"] - r["exmy"]["activations_db"]["e2m5"])
+           for r in rows if r.get("outliers") and (r.get("exmy") or {}).get("activations_best")]
+    if len(pts) < 3:
+        return {"layers": len(pts)}
+    sev, kurt, best_e, deploy_e, gain = (np.array(v, np.float64) for v in zip(*pts))
+    by_exponent = {}
+    for e in sorted(set(best_e.astype(int))):
+        by_exponent[f"e{e}"] = {"layers": int((best_e == e).sum()), "median_max_to_median": float(np.median(sev[best_e == e]))}
+    # The argmax is coarse (often one split wins everywhere); the dB that two more exponent bits
+    # buy (E4M3 over E2M5) shows the same trend continuously.
+    return {"layers": len(pts), "spearman_best_exmy": _spearman(sev, best_e),
+            "spearman_deployable": _spearman(sev, deploy_e),
+            "spearman_exponent_gain_vs_max_to_median": _spearman(sev, gain),
+            "spearman_exponent_gain_vs_kurtosis": _spearman(kurt, gain), "by_best_exponent": by_exponent}
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    ra, rb = _ranks(a), _ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks with ties given their average rank."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=np.float64)
+    for v in np.unique(x):
+        tie = x == v
+        ranks[tie] = ranks[tie].mean()
+    return ranks
+
+
+def select_markdown(sel: dict) -> list[str]:
+    from lpcompile.chart import columns
+
+    b, p, a = sel["budget"], sel["predicted"], sel["achieved"]
+    goal = {"bits": f"average weight bits <= {b.get('value')}", "bytes": f"weight bytes <= {b.get('value')}",
+            "min_cosine": f"mean output cosine >= {b.get('value')}"}.get(b.get("kind"), "reused plan")
+    lines = [
+        "", "## Format selection (--format auto)", "",
+        f"- goal: {goal}; met: {a['budget_met']}",
+        f"- achieved: {a['avg_weight_bits']:.4f} bits per weight (float layers at 32), {_mb(int(a['weight_bytes']))};"
+        f" output SQNR {_fmt(a['output_sqnr_db'])} dB, cosine {_fmt(a['output_cosine'], 5)}",
+        f"- predicted by the sensitivity model: {_fmt(p.get('avg_weight_bits'), 4)} bits, SQNR "
+        f"{_fmt(p.get('predicted_sqnr_db'))} dB, cosine {_fmt(p.get('predicted_cosine'), 5)}",
+    ]
+    secs = sel.get("measurement_seconds")
+    if sel.get("sensitivity_cached"):
+        lines.append("- sensitivity: reused from the plan given (same model, calibration and settings)")
+    elif secs:
+        lines.append(f"- sensitivity measured on {secs['samples']} calibration samples: layer-local {secs['local']:.1f} s, "
+                     f"end-to-end {secs['end_to_end']:.1f} s")
+    for v in sel.get("verification") or []:
+        lines.append(f"  - solved for cosine {v['solved_for_cosine']:.5f}: {_fmt(v['avg_weight_bits'], 3)} bits, "
+                     f"measured cosine {v['measured_cosine']:.5f}, 95% lower bound "
+                     f"{v.get('measured_cosine_lower_bound', float('nan')):.5f} ({v.get('samples')} held-out calibration samples)")
+    ag = sel["exponent_vs_outliers"]
+    if "spearman_best_exmy" in ag:
+        lines.append(f"- FP8 exponent vs outliers over {ag['layers']} layer inputs (Spearman with the largest/median "
+                     f"channel max): {_fmt(ag['spearman_best_exmy'])} for the best ExMy's exponent bits, "
+                     f"{_fmt(ag['spearman_deployable'])} for the E4M3/E5M2 choice, "
+                     f"{_fmt(ag['spearman_exponent_gain_vs_max_to_median'])} for the dB E4M3 gains over E2M5 "
+                     f"({_fmt(ag['spearman_exponent_gain_vs_kurtosis'])} against kurtosis); "
+                     + ", ".join(f"best {k}: {v['layers']} layers, median max/median {v['median_max_to_median']:.1f}"
+                                 for k, v in ag["by_best_exponent"].items()))
+    lines += [
+        "", "![per-layer sensitivity and the chosen format](select.png)", "",
+        "Chart, left: one row per layer (numbered as below), one column per weight format (columns: "
+        + ", ".join(f"{i} = {c}" for i, c in enumerate(columns(sel))) + "); colour = end-to-end output SQNR "
+        "with only that layer's weights quantized (scale below the map, dB; grey: not a candidate for the layer); "
+        "the chosen format is boxed. Right: layer-local SQNR of the layer's input in E2M5, E3M4, E4M3, E5M2 "
+        "(columns = exponent bits), the best boxed.", "",
+        "| # | layer | chosen weights | bits/w | e2e SQNR dB per weight format | input: max/median, kurtosis | "
+        "best ExMy (input / weights) | deployable FP8, gap dB | reason |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(sel["layers"]):
+        e2e = ", ".join(f"{k.split(':')[0]}{'/' + k.split(':')[1] if 'block' in k else ''} {v:.1f}"
+                        for k, v in r["e2e_sqnr_db"].items())
+        out = r.get("outliers") or {}
+        ex = r.get("exmy") or {}
+        ab, wb = ex.get("activations_best") or {}, ex.get("weights_best") or {}
+        lines.append(
+            f"| {i} | {r['name']} | {r['weights']}{'' if r['activations'] == 'float' else ' + A ' + r['activations']} | "
+            f"{r['bits_per_weight']:.3f} | {e2e} | "
+            + (f"{out['max_to_median']:.1f}, {out['kurtosis']:.1f}" if out else "-") + " | "
+            + (f"{ab.get('exmy', '-')} / {wb.get('exmy', '-')}" if ab else "-") + " | "
+            + (f"{ab['deployable']} ({ab['gap_db']:.1f})" if ab else "-") + f" | {r['reason']} |")
+    return lines

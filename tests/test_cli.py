@@ -85,3 +85,53 @@ def test_bad_input_is_one_line_nonzero_and_leaves_nothing(model_file, tmp_path, 
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lpcompile: error:") and message in lines[0], r.stderr
     assert set(tmp_path.iterdir()) == before  # no output dir, no temporary left behind
+
+
+# --- --format auto ---------------------------------------------------------------------------------
+
+
+def test_auto_writes_a_plan_that_meets_the_budget_and_can_be_reused(model_file, tmp_path):
+    out = tmp_path / "auto.lpc"
+    r = lpcompile(model_file, "--format", "auto", "--budget", "6", "--calibration", tmp_path / "calib.npz",
+                  "--rotate", "off", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert {"plan.json", "select.png", "report.md"} <= {p.name for p in out.iterdir()}
+    assert "select: end-to-end:" in r.stderr and "goal met: True" in r.stdout
+    report = json.loads((out / "report.json").read_text())
+    sel = report["select"]
+    assert sel["budget"] == {"kind": "bits", "value": 6.0}
+    assert sel["achieved"]["avg_weight_bits"] <= 6.0 and sel["achieved"]["budget_met"]
+    md = (out / "report.md").read_text()
+    assert "## Format selection" in md and "![per-layer sensitivity and the chosen format](select.png)" in md
+    plan = json.loads((out / "plan.json").read_text())
+    assert [l["name"] for l in plan["layers"]] == ["w1", "w2", "w3"]
+    assert all(l["rotation"] == "none" and l["reason"] and l["weights"] for l in plan["layers"])
+    # reuse with a pin: no sensitivity run, the pinned layer takes the pinned format
+    plan["pins"] = {"w2": {"weights": "int8:channel(1):sym"}}
+    (tmp_path / "edited.json").write_text(json.dumps(plan))
+    again = tmp_path / "again.lpc"
+    r = lpcompile(model_file, "--format", "auto", "--plan", tmp_path / "edited.json", "--calibration",
+                  tmp_path / "calib.npz", "--rotate", "off", "-o", again)
+    assert r.returncode == 0, r.stderr
+    assert "select:" not in r.stderr
+    layers = {l["name"]: l["weight_format"] for l in json.loads((again / "report.json").read_text())["layers"]}
+    expected = {l["name"]: l["weights"] for l in plan["layers"]}
+    expected["w2"] = "int8:channel(1):sym"
+    assert layers == {k: v for k, v in expected.items() if v != "float"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--format", "int4", "--budget", "4.5"], "apply to format='auto' only"),
+    (["--format", "auto"], "needs one goal"),
+    (["--format", "auto", "--budget", "4.5", "--min-cosine", "0.99"], "needs one goal"),
+    (["--format", "auto", "--budget", "0.2"], "not an average weight bit width"),
+    (["--format", "auto", "--budget-bytes", "-5"], "must be positive"),
+    (["--format", "auto", "--min-cosine", "1.5"], "must lie in (0, 1)"),
+    (["--format", "auto", "--plan", "missing.json"], "plan file not found"),
+    (["--format", "auto", "--budget", "4.5"], "needs calibration data"),
+])
+def test_auto_bad_input_is_one_line_and_exit_2(model_file, tmp_path, args, message):
+    r = lpcompile(model_file, *args, "-o", tmp_path / "x.lpc", cwd=tmp_path)
+    assert r.returncode == 2
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.lpc").exists()

@@ -5,5 +5,7 @@ from lpcompile.passes.canonicalize import Canonicalize
 from lpcompile.passes.cleanup import Cleanup
 from lpcompile.passes.quantize import LayerPlan, Quantize
 from lpcompile.passes.rotate import Rotate
+from lpcompile.passes.select import LayerChoice, Plan, Select
 
-__all__ = ["Calibrate", "Calibration", "Canonicalize", "Cleanup", "LayerPlan", "Quantize", "Rotate", "TensorStats"]
+__all__ = ["Calibrate", "Calibration", "Canonicalize", "Cleanup", "LayerChoice", "LayerPlan", "Plan", "Quantize",
+           "Rotate", "Select", "TensorStats"]

@@ -152,34 +152,54 @@ class Quantize(ir.passes.InPlacePass):
     def _quantize_activation(
         self, model: ir.Model, layer: LinearLayer, spec: QuantSpec, calibration: Calibration | None
     ) -> ir.Value:
-        x = layer.activation
-        if spec.dynamic:
-            fn = _per_token_function(model, spec)
-            node = ir.node(fn.name, [x], domain=DOMAIN, name=f"{x.name}_pertoken_qdq")
-            node.outputs[0].name = f"{x.name}_qdq"
-            node.outputs[0].dtype = x.dtype or ir.DataType.FLOAT
-            node.outputs[0].shape = x.shape
-            model.graph.insert_before(layer.node, node)
-            return node.outputs[0]
-        st = calibration.stats[x.name]
-        fmt = spec.format
-        if not spec.symmetric and isinstance(fmt, IntFormat):
-            scale, zp = _asymmetric_scale(st.min, st.max, fmt)
-        else:
-            clip = _activation_clip(st, spec)
-            scale, zp = max(clip / fmt.max_finite, 2.0**-24), 0.0
-        scale_v = _initializer(model.graph, f"{x.name}_scale", np.array(scale, np.float32))
-        zp_v = _initializer(model.graph, f"{x.name}_zero_point", _storage(np.array(zp, np.float32), fmt))
-        qnode = ir.node("QuantizeLinear", [x, scale_v, zp_v], name=f"{x.name}_quantize")
-        qnode.outputs[0].name = f"{x.name}_q"
-        dqnode = ir.node("DequantizeLinear", [qnode.outputs[0], scale_v, zp_v], name=f"{x.name}_dequantize")
-        dqnode.outputs[0].name = f"{x.name}_qdq"
-        dqnode.outputs[0].dtype = ir.DataType.FLOAT
-        dqnode.outputs[0].shape = x.shape
-        model.graph.insert_before(layer.node, [qnode, dqnode])
-        if x.dtype not in (None, ir.DataType.FLOAT):
-            raise PassError(f"activation quantization of {x.dtype} inputs is not supported (layer {layer.name})")
-        return dqnode.outputs[0]
+        return insert_activation_qdq(model, layer, spec, calibration)
+
+
+def insert_activation_qdq(model: ir.Model, layer: LinearLayer, spec: QuantSpec, calibration: Calibration | None) -> ir.Value:
+    """Insert `spec`'s quantize-dequantize of `layer`'s input before `layer`; returns its output
+    (the layer's input is not rewired: the caller decides who reads it)."""
+    x = layer.activation
+    base = _fresh_base(model.graph, x.name)  # two specs of one tensor (per-layer plans) need two names
+    if spec.dynamic:
+        fn = _per_token_function(model, spec)
+        node = ir.node(fn.name, [x], domain=DOMAIN, name=f"{base}_pertoken_qdq")
+        node.outputs[0].name = f"{base}_qdq"
+        node.outputs[0].dtype = x.dtype or ir.DataType.FLOAT
+        node.outputs[0].shape = x.shape
+        model.graph.insert_before(layer.node, node)
+        return node.outputs[0]
+    if x.dtype not in (None, ir.DataType.FLOAT):
+        raise PassError(f"activation quantization of {x.dtype} inputs is not supported (layer {layer.name})")
+    fmt = spec.format
+    scale, zp = activation_scale(calibration.stats[x.name], spec)
+    scale_v = _initializer(model.graph, f"{base}_scale", np.array(scale, np.float32))
+    zp_v = _initializer(model.graph, f"{base}_zero_point", _storage(np.array(zp, np.float32), fmt))
+    qnode = ir.node("QuantizeLinear", [x, scale_v, zp_v], name=f"{base}_quantize")
+    qnode.outputs[0].name = f"{base}_q"
+    dqnode = ir.node("DequantizeLinear", [qnode.outputs[0], scale_v, zp_v], name=f"{base}_dequantize")
+    dqnode.outputs[0].name = f"{base}_qdq"
+    dqnode.outputs[0].dtype = ir.DataType.FLOAT
+    dqnode.outputs[0].shape = x.shape
+    model.graph.insert_before(layer.node, [qnode, dqnode])
+    return dqnode.outputs[0]
+
+
+def _fresh_base(graph: ir.Graph, name: str) -> str:
+    """`name`, or `name_2`, `name_3`, ... if a value `name_qdq` (what an earlier call made) exists."""
+    taken = {out.name for node in graph for out in node.outputs}
+    base, i = name, 1
+    while f"{base}_qdq" in taken:
+        i += 1
+        base = f"{name}_{i}"
+    return base
+
+
+def activation_scale(st, spec: QuantSpec) -> tuple[float, float]:
+    """The static (scale, zero point) of `spec` for a tensor with calibration statistics `st`."""
+    fmt = spec.format
+    if not spec.symmetric and isinstance(fmt, IntFormat):
+        return _asymmetric_scale(st.min, st.max, fmt)
+    return max(_activation_clip(st, spec) / fmt.max_finite, 2.0**-24), 0.0
 
 
 def _already_quantized(layer: LinearLayer) -> bool:

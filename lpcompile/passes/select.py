@@ -1,0 +1,724 @@
+"""select: choose a format per linear layer under a budget. An analysis: the graph is not changed;
+the result is a `Plan` (model.meta["lpcompile.plan"]) that `Quantize(overrides=plan.overrides())`
+materializes.
+
+Three steps, each measured rather than guessed:
+
+1. Sensitivity. For every layer and every candidate the pass measures
+   - the *layer-local* error: SQNR of the layer's output x·W when only its weights (or only its
+     input) are quantized, in numpy on input rows captured once from calibration data, and
+   - the *end-to-end* error: the model output's noise-to-signal ratio (NSR = 1/SQNR) and cosine
+     loss (1 - mean cosine per sample) when only that layer is quantized, in onnxruntime.
+   No session is rebuilt per measurement: in one session every weight is an overridable input
+   (an initializer that is also a graph input, so only the weight under test is fed); in one
+   session per activation candidate every layer input passes `Where(selector, QDQ(x), x)` with a
+   per-layer boolean selector input (default false: float). Each measurement is one batched
+   run per calibration batch; the float reference outputs are computed once.
+2. Cost. Weight bits per layer per candidate, including scales and zero points (exactly what the
+   quantized initializers store); activation bits per element; formats the target cannot run
+   natively are flagged "emulated" (or dropped, `allow_emulated=False`). Kernel latency is not
+   measured (the backend has no per-shape timing service yet), so it is not a budget kind.
+3. Solver. Small output errors of different layers add up (their noises are nearly
+   independent), so the model's NSR is predicted by Σ NSR_i and its cosine loss by Σ loss_i.
+   Choosing one option per layer to minimise Σ NSR_i subject to Σ bits_i <= budget is a
+   multiple-choice knapsack, solved exactly by dynamic programming over costs rounded *up* to
+   1/resolution of the budget (so the solution always meets the budget). `min_cosine` solves the
+   dual: fewest bits with Σ loss_i <= 1 - C (the caller verifies on data and tightens).
+
+FP8 exponent bits: per layer the local SQNR of the ExMy family (E2M5, E3M4, E4M3, E5M2; "FP8
+Quantization: The Power of the Exponent") is measured for the weights (per-channel, absmax scale)
+and the input (per-tensor, MSE clip); the deployable split (E4M3 or E5M2) with the better local
+SQNR is the layer's FP8 candidate, and the plan records the best ExMy and the gap to it, next to
+the input's outlier severity (kurtosis, largest/median channel max).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from lpcompile.errors import FormatError, LpcompileError, PassError
+from lpcompile.formats import PerChannel, PerTensor, QuantSpec, fp8_exmy
+from lpcompile.ir.patterns import LinearLayer, find_linear_layers
+from lpcompile.ir.run import OrtRunner
+from lpcompile.passes.calibrate import CALIBRATION_KEY, Calibration
+from lpcompile.passes.quantize import LayerPlan, activation_scale, insert_activation_qdq
+from lpcompile.passes.weight_quant import group_shape, quantize_weight
+
+log = logging.getLogger(__name__)
+
+PLAN_KEY = "lpcompile.plan"
+FLOAT = "float"  # the printed form of "keep in float" in plans
+
+WEIGHT_CANDIDATES = ("int4:block(0,128):sym", "int4:channel(1):sym", "int8:channel(1):sym",
+                     "fp8_e4m3:channel(1):sym", "fp8_e5m2:channel(1):sym")
+EMBEDDING_CANDIDATES = ("uint4:block(0,32):asym", "int8:channel(1):sym", "fp8_e4m3:channel(1):sym",
+                        "fp8_e5m2:channel(1):sym")
+ACTIVATION_CANDIDATES = ("int8:token:sym:dynamic", "uint8:tensor:asym", "fp8_e4m3:tensor:sym:mse",
+                         "fp8_e5m2:tensor:sym:mse", "int4:token:sym:dynamic")
+EXMY = ((2, 5), (3, 4), (4, 3), (5, 2))
+DEPLOYABLE_FP8 = ("fp8_e4m3", "fp8_e5m2")
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+def spec_text(spec: QuantSpec | None) -> str:
+    return FLOAT if spec is None else str(spec)
+
+
+def parse_spec(text: str | None) -> QuantSpec | None:
+    return None if text in (None, FLOAT, "none", "float32", "fp32", "keep") else QuantSpec.parse(text)
+
+
+def weight_bits(spec: QuantSpec | None, k: int, n: int, float_bits: int = 32) -> int:
+    """Bits a [K, N] weight takes in `spec`: codes, float32 scales and (asymmetric) zero points;
+    `None` keeps it in float (`float_bits` per value: the model's own float32)."""
+    if spec is None:
+        return float_bits * k * n
+    groups = int(np.prod(group_shape(spec, (k, n)))) if group_shape(spec, (k, n)) else 1
+    fmt = spec.format
+    zero_points = groups * fmt.bits if not spec.symmetric else 0
+    scale_bits = spec.scale_format.bits if spec.scale_format is not None else 32
+    return k * n * fmt.bits + groups * scale_bits + zero_points
+
+
+# --- the plan ------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerChoice:
+    """One layer's entry in the plan (what plan.json holds per layer)."""
+
+    name: str
+    weights: QuantSpec | None
+    activations: QuantSpec | None
+    method: str = "gptq"
+    rotation: str = "none"
+    reason: str = ""
+    shape: tuple[int, int] = (0, 0)  # canonical [K, N] of the weight
+    bits: int = 0  # weight bits of this choice, scales included
+    predicted: dict = field(default_factory=dict)  # {"nsr": ..., "cosine_loss": ...} from sensitivity
+    pinned: bool = False
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "weights": spec_text(self.weights), "activations": spec_text(self.activations),
+                "method": self.method, "rotation": self.rotation, "reason": self.reason, "shape": list(self.shape),
+                "bits": self.bits, "predicted": self.predicted, "pinned": self.pinned}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "LayerChoice":
+        return cls(d["name"], parse_spec(d.get("weights")), parse_spec(d.get("activations")), d.get("method", "gptq"),
+                   d.get("rotation", "none"), d.get("reason", ""), tuple(int(v) for v in d.get("shape", (0, 0))),
+                   int(d.get("bits", 0)),
+                   dict(d.get("predicted") or {}), bool(d.get("pinned", False)))
+
+
+@dataclass
+class Plan:
+    """Per-layer formats, the budget they were chosen for, and the measurements behind them.
+
+    `pins` (pattern -> {"weights": spec|"float", "activations": ..., "method": ...}) are the
+    user's: fnmatch patterns on layer names that the solver must respect (and a reused plan
+    applies on top of its layers)."""
+
+    layers: list[LayerChoice]
+    budget: dict = field(default_factory=dict)
+    totals: dict = field(default_factory=dict)
+    pins: dict[str, dict] = field(default_factory=dict)
+    sensitivity: dict = field(default_factory=dict)  # layer -> measurements (see Select); "@key", "@seconds"
+
+    def overrides(self) -> tuple[tuple[str, LayerPlan], ...]:
+        """`Quantize(overrides=...)` for this plan: each layer by its exact (escaped) name."""
+        return tuple((glob.escape(c.name), LayerPlan(c.weights, c.activations, c.method)) for c in self.layers)
+
+    def to_json(self) -> dict:
+        return {"version": 1, "budget": self.budget, "totals": self.totals, "pins": self.pins,
+                "layers": [c.to_json() for c in self.layers], "sensitivity": self.sensitivity}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2, allow_nan=False))
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Plan":
+        if not isinstance(d, dict) or not isinstance(d.get("layers", []), list):
+            raise LpcompileError("plan: expected a JSON object with a list 'layers'")
+        pins = d.get("pins") or {}
+        if not isinstance(pins, dict):
+            raise LpcompileError("plan: 'pins' must map layer-name patterns to {weights, activations}")
+        try:
+            layers = [LayerChoice.from_json(x) for x in d.get("layers", [])]
+            for pattern, pin in pins.items():
+                parse_spec(pin.get("weights")), parse_spec(pin.get("activations"))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise LpcompileError(f"plan: malformed entry ({type(e).__name__}: {e})") from None
+        except FormatError as e:
+            raise FormatError(f"plan: {e}") from None
+        return cls(layers, dict(d.get("budget") or {}), dict(d.get("totals") or {}), dict(pins),
+                   dict(d.get("sensitivity") or {}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise LpcompileError(f"plan file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise LpcompileError(f"plan file {path} is not JSON: {e}") from None
+        return cls.from_json(data)
+
+    def pinned_choice(self, name: str) -> tuple[QuantSpec | None, QuantSpec | None, str] | None:
+        """The last pin whose pattern matches `name` (weights, activations, method), if any."""
+        hit = None
+        for pattern, pin in self.pins.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                hit = (parse_spec(pin.get("weights")), parse_spec(pin.get("activations")), pin.get("method", "gptq"))
+        return hit
+
+    def with_pins_applied(self) -> "Plan":
+        """This plan with every pin written into the layers it matches."""
+        layers = []
+        for c in self.layers:
+            pin = self.pinned_choice(c.name)
+            if pin is not None:
+                w, a, method = pin
+                c = LayerChoice(c.name, w, a, method, c.rotation, "pinned by the user", c.shape,
+                                weight_bits(w, *c.shape), {}, True)
+            layers.append(c)
+        return Plan(layers, self.budget, self.totals, self.pins, self.sensitivity)
+
+
+# --- the solver ------------------------------------------------------------------------------------
+
+
+def solve_budget(costs: Sequence[Sequence[float]], errors: Sequence[Sequence[float]], budget: float,
+                 resolution: int = 4096) -> list[int]:
+    """One option per group minimising Σ error subject to Σ cost <= budget (multiple-choice
+    knapsack, exact DP over costs rounded up to `budget / resolution`; with integer costs and
+    resolution == budget it is exact). Raises `LpcompileError` when even the cheapest options
+    exceed the budget."""
+    cheapest = sum(min(c) for c in costs)
+    if cheapest > budget * (1 + 1e-12):
+        raise LpcompileError(f"budget {budget:g} is below the smallest achievable {cheapest:g}")
+    unit = budget / resolution if budget > 0 else 1.0
+    units = [np.ceil(np.asarray(c, np.float64) / unit - 1e-9).astype(np.int64) for c in costs]
+    cap = resolution if budget > 0 else 0
+    if sum(int(u.min()) for u in units) > cap:  # rounding up made the instance infeasible
+        return solve_budget(costs, errors, budget, resolution * 4)
+    best = np.zeros(cap + 1)  # best[r]: least error of the groups so far with total units <= r
+    picks = []
+    for u, e in zip(units, errors):
+        e = np.asarray(e, np.float64)
+        new = np.full(cap + 1, np.inf)
+        arg = np.zeros(cap + 1, np.int32)
+        for j, (uj, ej) in enumerate(zip(u, e)):
+            if uj > cap:
+                continue
+            cand = np.full(cap + 1, np.inf)
+            cand[uj:] = best[: cap + 1 - uj] + ej
+            better = cand < new
+            new[better], arg[better] = cand[better], j
+        best = new
+        picks.append(arg)
+    choice, r = [], cap
+    for u, arg in zip(reversed(units), reversed(picks)):
+        j = int(arg[r])
+        choice.append(j)
+        r -= int(u[j])
+    return choice[::-1]
+
+
+def solve_error(costs: Sequence[Sequence[float]], errors: Sequence[Sequence[float]], max_error: float,
+                resolution: int = 4096) -> list[int]:
+    """One option per group with the least Σ cost subject to Σ error <= max_error (the same DP
+    over costs; the least-cost feasible level is then backtracked). Raises `LpcompileError` when
+    even the most accurate options exceed `max_error`."""
+    floor = sum(min(e) for e in errors)
+    if floor > max_error:
+        raise LpcompileError(f"error target {max_error:g} is below the smallest achievable {floor:g}")
+    top = sum(max(c) for c in costs)
+    lo, hi = sum(min(c) for c in costs), top
+    best = solve_budget(costs, errors, hi, resolution)
+    # Bisection on the budget: the DP's least error is monotone in the budget.
+    for _ in range(40):
+        if hi - lo <= max(top, 1.0) * 1e-6:
+            break
+        mid = 0.5 * (lo + hi)
+        choice = solve_budget(costs, errors, mid, resolution)
+        if sum(errors[i][j] for i, j in enumerate(choice)) <= max_error:
+            hi, best = mid, choice
+        else:
+            lo = mid
+    return best
+
+
+# --- numerics of the candidates, in numpy -----------------------------------------------------------
+
+
+def fake_quantize_activation(x: np.ndarray, spec: QuantSpec, stats) -> np.ndarray:
+    """`x` (rows of the last axis) through `spec` as the QDQ graph computes it: dynamic per-token
+    scales from each row's max, static ones from calibration (`stats`: TensorStats)."""
+    fmt = spec.format
+    if spec.dynamic:
+        scale = np.maximum(np.abs(x).max(axis=-1, keepdims=True) / fmt.max_finite, 2.0**-24)
+        return fmt.quantize(x / scale) * scale
+    scale, zp = activation_scale(stats, spec)
+    if zp:
+        return (np.clip(np.rint(x / scale) + zp, fmt.qmin, fmt.qmax) - zp) * scale
+    return fmt.quantize(x / scale) * scale
+
+
+def _sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    ref = ref.astype(np.float64)
+    noise = float(((ref - got) ** 2).sum())
+    signal = float((ref**2).sum())
+    return 200.0 if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -200.0)
+
+
+@dataclass
+class _OutputError:
+    signal: float = 0.0
+    noise: float = 0.0
+    cos_sum: float = 0.0
+    samples: int = 0
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        r = ref.astype(np.float64).reshape(ref.shape[0], -1)
+        g = got.astype(np.float64).reshape(r.shape)
+        self.signal += float((r**2).sum())
+        self.noise += float(((r - g) ** 2).sum())
+        den = np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1)
+        cos = np.where(den > 0, (r * g).sum(axis=1) / np.where(den > 0, den, 1.0), 1.0)
+        self.cos_sum += float(cos.sum())
+        self.samples += r.shape[0]
+
+    def result(self) -> dict:
+        nsr = self.noise / self.signal if self.signal > 0 else 0.0
+        return {"nsr": nsr, "cosine_loss": max(0.0, 1.0 - self.cos_sum / max(self.samples, 1)),
+                "sqnr_db": 200.0 if nsr == 0 else -10 * math.log10(nsr)}
+
+
+# --- the pass ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Select(ir.passes.InPlacePass):
+    """Measure every layer's sensitivity to each candidate and choose a format per layer.
+
+    Exactly one of `budget_bits` (average weight bits over the linear layers, scales included),
+    `budget_bytes` (total weight bytes) or `min_cosine` (predicted mean output cosine) sets the
+    goal. `data`: calibration batches (what `CalibrationData.batches` yields), of which the first
+    `samples` samples are used; `Calibrate` must have run (static activation scales).
+    `activations`: the input formats a plan may use (None = float; the default plans weights
+    only, since activation formats do not change weight bits); `analysis_activations` are
+    measured and reported for every layer either way. `emulated`: format names the target runs
+    only by dequantizing to float (flagged in the plan; dropped if not `allow_emulated`).
+    `plan`: a previous or hand-edited plan whose pins are respected. Writes
+    `model.meta["lpcompile.plan"]`.
+    """
+
+    data: object
+    budget_bits: float | None = None
+    budget_bytes: float | None = None
+    min_cosine: float | None = None
+    samples: int = 32
+    batch_size: int = 16
+    rows: int = 2048
+    weights: tuple[str, ...] = WEIGHT_CANDIDATES
+    embeddings: tuple[str, ...] = EMBEDDING_CANDIDATES
+    activations: tuple[str | None, ...] = (None,)
+    analysis_activations: tuple[str, ...] = ACTIVATION_CANDIDATES
+    method: str = "gptq"
+    emulated: frozenset[str] = frozenset()
+    allow_emulated: bool = True
+    plan: Plan | None = None
+    rotation: str = "none"
+    progress: Progress | None = None
+
+    def __post_init__(self):
+        goals = [g for g in (self.budget_bits, self.budget_bytes, self.min_cosine) if g is not None]
+        if len(goals) != 1:
+            raise LpcompileError("select needs exactly one goal: a bits budget, a bytes budget or a minimum cosine")
+        if self.budget_bits is not None and not 1.0 <= self.budget_bits <= 32.0:
+            raise LpcompileError(f"--budget {self.budget_bits:g} is not an average weight bit width in [1, 32]")
+        if self.budget_bytes is not None and self.budget_bytes <= 0:
+            raise LpcompileError(f"bytes budget {self.budget_bytes:g} must be positive")
+        if self.min_cosine is not None and not 0.0 < self.min_cosine < 1.0:
+            raise LpcompileError(f"--min-cosine {self.min_cosine:g} must lie in (0, 1)")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        start = time.perf_counter()
+        calibration: Calibration | None = model.meta.get(CALIBRATION_KEY)
+        if calibration is None:
+            raise PassError("select needs calibration statistics: run Calibrate first")
+        layers = find_linear_layers(model.graph)
+        if not layers:
+            raise PassError("select: the model has no linear layers")
+        key = self.measurement_key(layers, calibration)
+        cached = self.plan is not None and self.plan.sensitivity and self.plan.sensitivity.get("@key") == key
+        sens = self.plan.sensitivity if cached else {"@key": key, **measure_sensitivity(model, layers, calibration, self)}
+        plan = self.solve(layers, sens)
+        plan.totals["select_seconds"] = round(time.perf_counter() - start, 3)
+        plan.totals["sensitivity_cached"] = bool(cached)
+        model.meta[PLAN_KEY] = plan
+        log.info("select: %d layers, %.4f bits per weight, predicted output SQNR %.2f dB (%s)", len(plan.layers),
+                 plan.totals["avg_weight_bits"], plan.totals["predicted_sqnr_db"],
+                 "measurements reused" if cached else f"measured in {plan.totals['select_seconds']:.1f} s")
+        return ir.passes.PassResult(model, modified=False)
+
+    def measurement_key(self, layers: Sequence[LinearLayer], calibration: Calibration) -> dict:
+        """What the measurements depend on; a plan whose sensitivity carries the same key is reused
+        instead of measured again (the cache lives in plan.json)."""
+        return {"layers": [[l.name, l.in_features, l.out_features] for l in layers], "rotation": self.rotation,
+                "calibration": calibration.source, "samples": self.samples, "rows": self.rows,
+                "method": self.method, "weights": list(self.weights), "embeddings": list(self.embeddings),
+                "activations": list(self.analysis_activations) + [str(a) for a in self.activations if a is not None]}
+
+    # --- solving -------------------------------------------------------------------------------
+
+    def options(self, layer: LinearLayer, s: dict) -> list[tuple[QuantSpec | None, QuantSpec | None]]:
+        """The (weights, activations) pairs this layer may take."""
+        if self.plan is not None and (pin := self.plan.pinned_choice(layer.name)) is not None:
+            return [(pin[0], pin[1])]
+        weights = [parse_spec(w) for w in s["weights"]] + [None]
+        weights = [w for w in weights if w is None or self._allowed(w)]
+        if layer.kind == "embedding" or layer.activation is None:
+            return [(w, None) for w in weights]
+        acts = [parse_spec(a) if isinstance(a, str) else a for a in self.activations]
+        acts = [a for a in acts if a is None or self._allowed(a)]
+        fp8 = s.get("fp8_activation")
+        # FP8 activations: only the split this layer's outliers call for (see `exmy`).
+        acts = [a for a in acts if a is None or a.format.name not in DEPLOYABLE_FP8 or a.format.name == fp8]
+        return [(w, a) for w in weights for a in acts]
+
+    def _allowed(self, spec: QuantSpec) -> bool:
+        return self.allow_emulated or spec.format.name not in self.emulated
+
+    def solve(self, layers: Sequence[LinearLayer], sens: dict[str, dict]) -> Plan:
+        groups, costs, nsr, loss = [], [], [], []
+        for layer in layers:
+            s = sens[layer.name]
+            opts = self.options(layer, s)
+            groups.append(opts)
+            k, n = s["shape"]
+            costs.append([weight_bits(w, k, n) for w, _ in opts])
+            nsr.append([_e2e(s, w, a, "nsr") for w, a in opts])
+            loss.append([_e2e(s, w, a, "cosine_loss") for w, a in opts])
+        params = sum(sens[l.name]["params"] for l in layers)
+        if self.budget_bits is not None:
+            budget = {"kind": "bits", "value": self.budget_bits}
+            cheapest = sum(min(c) for c in costs) / params
+            if cheapest > self.budget_bits:
+                raise LpcompileError(f"--budget {self.budget_bits:g} bits per weight is below the smallest achievable "
+                                     f"{cheapest:.4f} with these candidates and pins (float layers count 32)")
+            choice = solve_budget(costs, nsr, self.budget_bits * params)
+        elif self.budget_bytes is not None:
+            budget = {"kind": "bytes", "value": self.budget_bytes}
+            choice = solve_budget(costs, nsr, self.budget_bytes * 8)
+        else:
+            budget = {"kind": "min_cosine", "value": self.min_cosine}
+            choice = solve_error(costs, loss, 1.0 - self.min_cosine)
+        chosen, unmeasured = [], []
+        for layer, opts, j, c_, e_, l_ in zip(layers, groups, choice, costs, nsr, loss):
+            w, a = opts[j]
+            s = sens[layer.name]
+            pin = self.plan.pinned_choice(layer.name) if self.plan is not None else None
+            method = pin[2] if pin is not None else (self.method if w is not None else "mse")
+            if not _measured(s, w, a):
+                unmeasured.append(layer.name)
+            chosen.append(LayerChoice(
+                layer.name, w, a, method, self.rotation, self._reason(layer, s, opts, j, c_, e_),
+                tuple(s["shape"]), int(c_[j]), {"nsr": e_[j], "cosine_loss": l_[j]}, pinned=pin is not None))
+        bits = sum(c.bits for c in chosen)
+        params = sum(c.shape[0] * c.shape[1] for c in chosen)
+        pred_nsr = sum(c.predicted["nsr"] for c in chosen)
+        totals = {"params": params, "weight_bits": bits, "avg_weight_bits": bits / params if params else 0.0,
+                  "weight_bytes": bits / 8, "predicted_nsr": pred_nsr,
+                  "predicted_sqnr_db": 200.0 if pred_nsr == 0 else -10 * math.log10(pred_nsr),
+                  "predicted_cosine": 1.0 - sum(c.predicted["cosine_loss"] for c in chosen),
+                  "activation_bits_per_token": sum(
+                      (c.activations.format.bits if c.activations else 32) * sens[c.name]["shape"][0]
+                      for c in chosen if sens[c.name]["kind"] != "embedding"),
+                  "unmeasured_pins": unmeasured}  # pinned to a format not among the candidates: counted as 0
+        return Plan(chosen, budget, totals, dict(self.plan.pins) if self.plan else {}, sens)
+
+    def _reason(self, layer, s, opts, j, costs, errors) -> str:
+        w, a = opts[j]
+        if len(opts) == 1:
+            return "pinned by the user"
+        parts = []
+        cheaper = [i for i in range(len(opts)) if costs[i] < costs[j]]
+        if cheaper:
+            i = min(cheaper, key=lambda i: errors[i])
+            ratio = errors[i] / errors[j] if errors[j] > 0 else float("inf")
+            parts.append(f"{spec_text(opts[i][0])} would add {ratio:.1f}x its output noise")
+        else:
+            parts.append("cheapest option")
+        if w is not None and w.format.name in self.emulated or a is not None and a.format.name in self.emulated:
+            parts.append("emulated on this target")
+        out = s.get("outliers") or {}
+        if out.get("max_to_median") is not None:
+            parts.append(f"input max/median {out['max_to_median']:.1f}")
+        return "; ".join(parts)
+
+
+def _e2e(s: dict, w: QuantSpec | None, a: QuantSpec | None, key: str) -> float:
+    """Predicted output error of a (weights, activations) pair: the two measured errors added (a
+    format that was not measured, which only a pin can bring, counts 0)."""
+    total = 0.0
+    if w is not None:
+        total += s["e2e_weights"].get(str(w), {}).get(key, 0.0)
+    if a is not None:
+        total += s["e2e_activations"].get(str(a), {}).get(key, 0.0)
+    return total
+
+
+def _measured(s: dict, w: QuantSpec | None, a: QuantSpec | None) -> bool:
+    return (w is None or str(w) in s["e2e_weights"]) and (a is None or str(a) in s["e2e_activations"])
+
+
+# --- measuring ------------------------------------------------------------------------------------
+
+
+def measure_sensitivity(model: ir.Model, layers: Sequence[LinearLayer], calibration: Calibration,
+                        cfg: Select) -> dict[str, dict]:
+    """Per layer name: shape, parameters, local and end-to-end errors of every candidate, the
+    ExMy analysis and the input's outlier severity (see the module docstring)."""
+    batches = _take(cfg.data, cfg.samples, cfg.batch_size)
+    if not batches:
+        raise PassError("select: the calibration data yielded no batches")
+    acts = [QuantSpec.parse(a) for a in cfg.analysis_activations]
+    acts += [a if isinstance(a, QuantSpec) else QuantSpec.parse(a) for a in cfg.activations
+             if a is not None and str(a) not in {str(x) for x in acts}]
+    start = time.perf_counter()
+    captured = _capture_inputs(model, layers, batches, cfg.rows)
+    sens: dict[str, dict] = {}
+    weight_q: dict[tuple[str, str], np.ndarray] = {}
+    for done, layer in enumerate(layers):
+        w = _canonical_weight(layer)
+        k, n = w.shape
+        s = {"kind": layer.kind, "shape": [k, n], "params": k * n,
+             "weights": list(cfg.embeddings if layer.kind == "embedding" else cfg.weights)}
+        x = captured.get(layer.name)
+        st = calibration.stats.get(layer.activation.name) if layer.activation is not None else None
+        gram = st.gram if st is not None else None  # GPTQ where Calibrate recorded XᵀX, as Quantize will
+        s["local_weights"] = {}
+        for spec_s in s["weights"]:
+            spec = QuantSpec.parse(spec_s)
+            wq = quantize_weight(w, spec, cfg.method, gram).dequantize().astype(np.float32)
+            weight_q[(layer.name, str(spec))] = np.ascontiguousarray(wq.T if layer.transposed else wq)
+            s["local_weights"][str(spec)] = _local_sqnr(layer, x, w, wq)
+        if layer.kind != "embedding" and x is not None:
+            ref = x @ w
+            s["local_activations"] = {str(a): _sqnr_db(ref, fake_quantize_activation(x, a, st) @ w) for a in acts
+                                      if st is not None or a.dynamic}
+            s["exmy"] = _exmy(w, x, st)
+            s["outliers"] = _outliers(st, x)
+            best = max(DEPLOYABLE_FP8, key=lambda f: s["exmy"]["activations_db"][_exmy_name(f)])
+            s["fp8_activation"] = best
+            wbest = max(DEPLOYABLE_FP8, key=lambda f: s["exmy"]["weights_db"][_exmy_name(f)])
+            s["weights"] = [t for t in s["weights"] if QuantSpec.parse(t).format.name not in DEPLOYABLE_FP8
+                            or QuantSpec.parse(t).format.name == wbest]
+        sens[layer.name] = s
+        if cfg.progress:
+            cfg.progress("select: layer-local", done + 1, len(layers))
+    local = time.perf_counter()
+    _end_to_end(model, layers, calibration, batches, acts, weight_q, sens, cfg.progress)
+    sens["@seconds"] = {"local": round(local - start, 2), "end_to_end": round(time.perf_counter() - local, 2),
+                       "samples": sum(len(next(iter(b.values()))) for b in batches)}
+    return sens
+
+
+def _exmy_name(fmt_name: str) -> str:
+    return {"fp8_e4m3": "e4m3", "fp8_e5m2": "e5m2"}[fmt_name]
+
+
+def _take(data, samples: int, batch_size: int) -> list[dict[str, np.ndarray]]:
+    """About `samples` samples of `data` as batches, spread evenly over all its batches (a
+    directory of length buckets must not give only the shortest), kept: every measurement
+    reuses them."""
+    source = data.batches(batch_size) if hasattr(data, "batches") else data
+    every = [dict(b) for b in source]
+    sizes = [len(next(iter(b.values()))) for b in every]
+    if sum(sizes) <= samples:
+        return every
+    want = max(1, round(len(every) * samples / sum(sizes)))
+    picks = np.unique(np.linspace(0, len(every) - 1, want).round().astype(int))
+    return [every[i] for i in picks]
+
+
+def _canonical_weight(layer: LinearLayer) -> np.ndarray:
+    stored = layer.weight.const_value.numpy().astype(np.float32)
+    return stored.T if layer.transposed else stored
+
+
+def _capture_inputs(model: ir.Model, layers: Sequence[LinearLayer], batches, rows: int) -> dict[str, np.ndarray]:
+    """Per layer, up to `rows` rows of its float input (a fixed random subset of all rows seen);
+    for embeddings, the rows of the table that the calibration ids look up (as one-hot inputs
+    they would be: the local error of a table is the error of the rows actually used)."""
+    names = {}
+    for layer in layers:
+        if layer.kind == "embedding":
+            names[layer.name] = layer.node.inputs[1].name
+        elif layer.activation is not None:
+            names[layer.name] = layer.activation.name
+    runner = OrtRunner(model, extra=sorted(set(names.values())))
+    seen: dict[str, list[np.ndarray]] = {v: [] for v in set(names.values())}
+    for batch in batches:
+        out = {**batch, **runner.run(batch)}
+        for v in seen:
+            a = out[v]
+            seen[v].append(a.reshape(-1) if np.issubdtype(a.dtype, np.integer) else a.reshape(-1, a.shape[-1]))
+    rng = np.random.default_rng(0)
+    captured = {}
+    for name, v in names.items():
+        a = np.concatenate(seen[v])
+        if len(a) > rows:
+            a = a[np.sort(rng.choice(len(a), rows, replace=False))]
+        captured[name] = a.astype(np.float32) if a.dtype.kind == "f" else a
+    return captured
+
+
+def _local_sqnr(layer: LinearLayer, x: np.ndarray | None, w: np.ndarray, wq: np.ndarray) -> float:
+    if layer.kind == "embedding":  # canonical [D, V]: the used rows are columns
+        ids = x if x is not None else np.arange(w.shape[1])
+        return _sqnr_db(w[:, ids], wq[:, ids])
+    if x is None:
+        return _sqnr_db(w, wq)
+    return _sqnr_db(x @ w, x @ wq)
+
+
+def _exmy(w: np.ndarray, x: np.ndarray, st) -> dict:
+    """Local SQNR (dB) of the ExMy formats for the weights (per-channel, absmax scale) and the input
+    (per-tensor, MSE clip from the calibration histogram); the deployable E4M3FN/E5M2 too."""
+    from lpcompile.formats import FP8_E4M3, FP8_E5M2
+
+    ref = x @ w
+    out = {"weights_db": {}, "activations_db": {}}
+    formats = [(f"e{e}m{m}", fp8_exmy(e, m)) for e, m in EXMY]
+    for name, fmt in formats + [("e4m3fn", FP8_E4M3), ("e5m2-ieee", FP8_E5M2)]:
+        wspec = QuantSpec(fmt, PerChannel(1), True)
+        wq = quantize_weight(w, wspec, "rtn").dequantize()
+        out["weights_db"][name] = _sqnr_db(ref, x @ wq)
+        if st is not None:
+            aspec = QuantSpec(fmt, PerTensor(), True, scale_method="mse")
+            out["activations_db"][name] = _sqnr_db(ref, fake_quantize_activation(x, aspec, st) @ w)
+    # The deployable names map onto what ONNX runs: E4M3FN and IEEE E5M2.
+    for side in ("weights_db", "activations_db"):
+        d = out[side]
+        if d:
+            d["e4m3"], d["e5m2"] = d.pop("e4m3fn"), d.pop("e5m2-ieee")
+            exmy_only = {k: v for k, v in d.items() if k in {f"e{e}m{m}" for e, m in EXMY}}
+            best = max(exmy_only, key=exmy_only.get)
+            deploy = max(("e4m3", "e5m2"), key=d.get)
+            out[side.replace("_db", "_best")] = {"exmy": best, "deployable": deploy,
+                                                 "gap_db": exmy_only[best] - d[deploy]}
+    return out
+
+
+def _outliers(st, x: np.ndarray) -> dict:
+    """Outlier severity of a layer input: kurtosis of its values and largest/median channel max
+    (from the captured rows and the calibration per-channel max)."""
+    x64 = x.astype(np.float64)
+    mu, var = x64.mean(), x64.var()
+    kurt = float(((x64 - mu) ** 4).mean() / var**2) if var > 0 else float("nan")
+    cmax = st.channel_absmax if st is not None and st.channel_absmax is not None else np.abs(x).max(axis=0)
+    med = float(np.median(cmax))
+    return {"kurtosis": kurt, "max_to_median": float(cmax.max() / med) if med > 0 else float("inf")}
+
+
+def _end_to_end(model, layers, calibration, batches, acts, weight_q, sens, progress) -> None:
+    """Fill `e2e_weights` / `e2e_activations` of every layer: output error with only that layer
+    (weights, or input) quantized, on `batches`. Weights: one session of the float model with
+    overridable weights. Activations: one session per candidate spec, in which every layer input
+    has that spec's QDQ behind a `Where` switched by the layer's selector (only one QDQ per input:
+    onnxruntime evaluates both branches of a Where)."""
+    jobs = []  # (result dict, key, session index, extra feeds)
+    sessions = [_sensitivity_model(model, layers, calibration, None)]
+    for layer in layers:
+        s = sens[layer.name]
+        s["e2e_weights"], s["e2e_activations"] = {}, {}
+        for spec_s in s["weights"]:
+            spec = str(QuantSpec.parse(spec_s))
+            jobs.append((s["e2e_weights"], spec, 0, {sessions[0][1][layer.name]: weight_q[(layer.name, spec)]}))
+    for a in acts:
+        probe, _, selectors = _sensitivity_model(model, layers, calibration, a)
+        if not selectors:
+            continue
+        sessions.append((probe, {}, selectors))
+        for layer in layers:
+            if layer.name in selectors and "local_activations" in sens[layer.name]:
+                jobs.append((sens[layer.name]["e2e_activations"], str(a), len(sessions) - 1,
+                             {selectors[layer.name]: np.array(True)}))
+    runners = [OrtRunner(probe) for probe, _, _ in sessions]
+    out_name = runners[0].session.get_outputs()[0].name
+    feeds = [{k: v for k, v in b.items() if k in runners[0].input_names} for b in batches]
+    reference = [runners[0].session.run([out_name], f)[0] for f in feeds]
+    for i, (target, key, which, extra) in enumerate(jobs):
+        err = _OutputError()
+        for f, ref in zip(feeds, reference):
+            err.add(ref, runners[which].session.run([out_name], {**f, **extra})[0])
+        target[key] = err.result()
+        if progress:
+            progress("select: end-to-end", i + 1, len(jobs))
+
+
+def _sensitivity_model(model, layers, calibration, spec: QuantSpec | None):
+    """A copy of `model` for end-to-end sensitivity. `spec` None: each layer's weight becomes an
+    overridable input (an initializer that is also a graph input; its own copy where layers
+    share one). Else each layer input passes `Where(selector, QDQ_spec(x), x)`, the selector an
+    overridable int64 scalar (default 0 = float). Returns (model, layer -> weight input,
+    layer -> selector name)."""
+    from lpcompile.ir import upgrade_opset
+    from lpcompile.passes.quantize import QDQ_OPSET
+
+    probe = ir.from_proto(ir.to_proto(model))
+    upgrade_opset(probe, QDQ_OPSET)
+    graph = probe.graph
+    probe_layers = {l.name: l for l in find_linear_layers(graph)}
+    weight_inputs, selectors = {}, {}
+    used_weights: set[str] = set()
+    qdq_cache: dict[str, ir.Value] = {}
+    for i, name in enumerate(l.name for l in layers):
+        layer = probe_layers[name]
+        if spec is None:
+            w = layer.weight
+            if w.name in used_weights or w.is_graph_input():
+                copy = ir.Value(name=f"{w.name}__select{i}", const_value=w.const_value)
+                copy.dtype, copy.shape = w.dtype, w.shape
+                graph.register_initializer(copy)
+                layer.node.replace_input_with(0 if layer.kind == "embedding" else 1, copy)
+                w = copy
+            used_weights.add(w.name)
+            w.dtype = w.dtype or w.const_value.dtype  # a graph input needs its type spelled out
+            w.shape = w.shape or ir.Shape(w.const_value.shape)
+            graph.inputs.append(w)
+            weight_inputs[name] = w.name
+            continue
+        x = layer.activation
+        if layer.kind == "embedding" or x is None or not spec.dynamic and x.name not in calibration.stats:
+            continue
+        sel = ir.Value(name=f"lpcompile_select_{i}",
+                       const_value=ir.Tensor(np.array(False), name=f"lpcompile_select_{i}"))
+        sel.dtype, sel.shape = ir.DataType.BOOL, ir.Shape([])
+        graph.register_initializer(sel)
+        graph.inputs.append(sel)
+        if x.name not in qdq_cache:
+            qdq_cache[x.name] = insert_activation_qdq(probe, layer, spec, calibration)
+        where = ir.node("Where", [sel, qdq_cache[x.name], x], name=f"{sel.name}_where")
+        where.outputs[0].name = f"{sel.name}_x"
+        where.outputs[0].dtype, where.outputs[0].shape = x.dtype or ir.DataType.FLOAT, x.shape
+        graph.insert_before(layer.node, where)
+        layer.node.replace_input_with(0, where.outputs[0])
+        selectors[name] = sel.name
+    graph.sort()
+    return probe, weight_inputs, selectors

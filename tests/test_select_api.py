@@ -1,0 +1,99 @@
+"""`lpcompile.compile(..., format="auto")` on a small model, numerics checked in onnxruntime."""
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import lpcompile
+from lpcompile.errors import LpcompileError
+from tests.conftest import mlp_model, ort_run, sqnr_db
+
+
+def _data(seed, n=128):
+    x = np.random.default_rng(seed).standard_normal((n, 8, 256)).astype(np.float32)
+    x[..., :4] *= 30.0
+    return [{"x": x[i : i + 8]} for i in range(0, n, 8)], x
+
+
+def _avg_bits(art) -> float:
+    layers = art.report["layers"]
+    return sum(l["weight_bytes"] * 8 for l in layers) / sum(l["weight_bytes_fp32"] / 4 for l in layers)
+
+
+def _uneven_mlp():
+    """mlp_model with a few large input rows in the last (smallest) layer's weight: that layer is
+    far more sensitive to 4-bit weights than the others, and cheap to give more bits."""
+    model = mlp_model()
+    w3 = model.graph.initializers["w3"]
+    arr = w3.const_value.numpy().copy()
+    arr[:4] *= 12.0
+    w3.const_value = ir.Tensor(arr, name="w3")
+    return model
+
+
+def test_auto_spends_its_budget_where_it_pays_on_held_out_data():
+    """The best uniform recipe within 4.6 bits per weight is int4 (4.25); auto at 4.6 must meet the
+    budget and beat it clearly by giving the sensitive small layer more bits."""
+    calib, _ = _data(0)
+    _, held_out = _data(1)
+    model = _uneven_mlp()
+    ref = ort_run(model, {"x": held_out})[0]
+    uniform = lpcompile.compile(model, format="int4", calibration=calib, rotate="off")
+    auto = lpcompile.compile(model, format="auto", budget=4.6, calibration=calib, rotate="off")
+    assert _avg_bits(uniform) < auto.report["select"]["achieved"]["avg_weight_bits"] <= 4.6
+    chosen = {r["name"]: r["weights"] for r in auto.report["select"]["layers"]}
+    assert chosen["w3"].startswith(("int8", "fp8"))
+    got_uniform = sqnr_db(ref, ort_run(uniform.qdq_model, {"x": held_out})[0])
+    got_auto = sqnr_db(ref, ort_run(auto.qdq_model, {"x": held_out})[0])
+    assert got_auto > got_uniform + 3.0
+
+
+def test_min_cosine_is_met_on_held_out_calibration_batches_and_verified(tmp_path):
+    calib, _ = _data(0, n=32)
+    art = lpcompile.compile(mlp_model(), format="auto", min_cosine=0.9995, calibration=calib, rotate="off")
+    sel = art.report["select"]
+    assert (sel["budget"]["kind"], sel["budget"]["value"]) == ("min_cosine", 0.9995)
+    assert "8 held out to verify --min-cosine" in art.report["calibration"]["source"]
+    assert any(v["measured_cosine_lower_bound"] >= 0.9995 for v in sel["verification"])
+    assert art.report["totals"]["output_cosine"] >= 0.9995 and sel["achieved"]["budget_met"]
+    art.save(tmp_path / "out")  # the plan and report are plain JSON
+    assert json.loads((tmp_path / "out" / "plan.json").read_text())["totals"]["met"] is True
+    # fewer bits than int8 everywhere, which also meets it
+    assert sel["achieved"]["avg_weight_bits"] < 8.1
+
+
+def test_auto_with_exclude_keeps_the_layer_float_and_counts_it():
+    calib, _ = _data(0, n=32)
+    art = lpcompile.compile(mlp_model(), format="auto", budget=16.0, calibration=calib, rotate="off",
+                            exclude=[":first"])
+    rows = {r["name"]: r for r in art.report["select"]["layers"]}
+    assert rows["w1"]["weights"] == "float" and rows["w1"]["bits_per_weight"] == 32
+    assert art.report["select"]["achieved"]["avg_weight_bits"] <= 16.0
+
+
+def test_plan_for_another_model_is_refused(tmp_path):
+    calib, _ = _data(0)
+    from lpcompile.passes.select import LayerChoice, Plan
+
+    plan = Plan([LayerChoice("nope", None, None)])
+    with pytest.raises(LpcompileError, match="does not have: nope"):
+        lpcompile.compile(mlp_model(), format="auto", plan=plan, calibration=calib)
+
+
+def test_bytes_budget_is_met_by_the_stored_weights():
+    calib, _ = _data(0, n=32)
+    model = mlp_model()
+    params = (256 * 384 + 384 * 384 + 384 * 64)
+    budget = params * 5 / 8  # 5 bits per weight, in bytes
+    art = lpcompile.compile(model, format="auto", budget_bytes=budget, calibration=calib, rotate="off")
+    stored = sum(l["weight_bytes"] for l in art.report["layers"])
+    assert stored <= budget and art.report["select"]["achieved"]["budget_met"]
+    assert art.report["select"]["budget"] == {"kind": "bytes", "value": budget}
+
+
+def test_min_cosine_needs_a_batch_to_verify_on():
+    calib, _ = _data(0, n=8)
+    with pytest.raises(LpcompileError, match="too few"):
+        lpcompile.compile(mlp_model(), format="auto", min_cosine=0.99, calibration=calib, rotate="off")
