@@ -135,13 +135,16 @@ def _gemm_acc_only(sch: Schedule, decode, acc) -> tirx.PrimFunc:
     return sch.mod["main"]
 
 
+# Byte-output kernels leave the inner loop to LLVM's vectorizer: TVM 0.27's explicit 16-lane
+# vectorization of a float -> uint8/int8 store comes out as gathers and 16 single-byte stores
+# (measured: the per-tensor quantizer of a 512 x 2816 activation, 1.04 ms -> 0.10 ms).
+
+
 def schedule_quantize_tensor(func: tirx.PrimFunc) -> tirx.PrimFunc:
     sch = Schedule(func)
     q = sch.get_sblock("quantize")
-    m, k = sch.get_loops(q)
-    ko, ki = sch.split(k, [None, 16])
+    m, _ = sch.get_loops(q)
     sch.parallel(m)
-    sch.vectorize(ki)
     return sch.mod["main"]
 
 
@@ -152,9 +155,8 @@ def schedule_elementwise(func: tirx.PrimFunc) -> tirx.PrimFunc:
     loops = sch.get_loops(block)
     if not loops:
         return sch.mod["main"]
-    outer, inner = sch.split(sch.fuse(*loops) if len(loops) > 1 else loops[0], [None, 16])
-    sch.parallel(outer)
-    sch.vectorize(inner)
+    outer, inner = sch.split(sch.fuse(*loops) if len(loops) > 1 else loops[0], [None, 64])
+    sch.parallel(outer)  # (the inner 64 vectorized by LLVM: byte outputs, see above)
     return sch.mod["main"]
 
 
@@ -165,9 +167,7 @@ def schedule_quantize_rows(func: tirx.PrimFunc) -> tirx.PrimFunc:
     sch.parallel(m)
     sch.reverse_compute_at(sch.get_sblock("row_scale"), m)
     q = sch.get_sblock("quantize")
-    sch.reverse_compute_at(q, m)
-    _, ki = sch.split(sch.get_loops(q)[-1], [None, 16])
-    sch.vectorize(ki)
+    sch.reverse_compute_at(q, m)  # (its inner loop vectorized by LLVM: byte output, see above)
     return sch.mod["main"]
 
 
