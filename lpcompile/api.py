@@ -334,15 +334,23 @@ def _materialize(model: ir.Model, plan: Plan, progress: Progress | None) -> ir.M
     return qdq
 
 
+# Share of the allowed loss (1 - C) held in reserve for deployment data unlike the calibration
+# set: on MiniLM a plan whose held-out calibration bound just reached 0.995 measured 0.99484 on
+# the 224 evaluation sentences (their loss 3% above the calibration sentences').
+MIN_COSINE_RESERVE = 0.2
+
+
 def _meet_min_cosine(model, reference, plan, selector, layers, data, batch_size, progress, tries: int = 4):
     """Quantize as planned and measure the mean output cosine on `data` (calibration batches held
     out from fitting), taking its one-sided 95% lower confidence bound; then
     re-solve with the predicted loss rescaled by how far the prediction was off (tighter when the
     target was missed, looser when it was beaten with room to spare), up to `tries` QDQ models.
-    Returns the cheapest one that met the target, else the most accurate one tried."""
+    Returns the cheapest one that met the target, else the most accurate one tried. The target
+    checked is C tightened by MIN_COSINE_RESERVE of its loss (the user's C is what is reported)."""
     from lpcompile.report import measure_error
 
-    target = selector.min_cosine
+    user_target = selector.min_cosine
+    target = 1.0 - (1.0 - user_target) * (1.0 - MIN_COSINE_RESERVE)
     loss_goal = 1.0 - target
     history, tried, met, best = [], set(), None, None
     for _ in range(tries):
@@ -376,7 +384,7 @@ def _meet_min_cosine(model, reference, plan, selector, layers, data, batch_size,
         if tuple(str(c.weights) for c in plan.layers) in tried:
             break
     qdq, plan, cos = met or best
-    plan.budget = {"kind": "min_cosine", "value": target, "solved_for": plan.budget.get("value")}
+    plan.budget = {"kind": "min_cosine", "value": user_target, "checked_against": target, "solved_for": plan.budget.get("value")}
     plan.totals["verification"] = history
     plan.totals["measured_cosine_lower_bound"] = cos
     plan.totals["met"] = bool(cos >= target)
