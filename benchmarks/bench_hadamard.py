@@ -36,6 +36,7 @@ os.environ.setdefault("TVM_NUM_THREADS", str(THREADS))  # before TVM starts its 
 os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 import numpy as np  # noqa: E402
+from bench_int4_gemv import _cpu_name  # noqa: E402  (a sibling script: benchmarks/ is on sys.path)
 
 BLOCK = 128
 GIB = 2**30
@@ -228,15 +229,6 @@ def main() -> None:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report["goal_met"], indent=1))
-
-
-def _cpu_name() -> str:
-    try:
-        import tvm
-
-        return str(tvm.target.codegen.llvm_get_system_cpu())
-    except Exception:  # the report is still useful without it
-        return platform.processor()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -69,3 +72,13 @@ def mlp():
 def mlp_inputs():
     rng = np.random.default_rng(1)
     return {"x": rng.standard_normal((16, 8, 256)).astype(np.float32)}
+
+
+def export_model(directory: Path, name: str, *extra: str) -> Path:
+    """`python -m models.export NAME DIRECTORY/NAME.onnx EXTRA...` (it writes the calibration and
+    evaluation files beside it); returns the .onnx path."""
+    out = Path(directory) / f"{name}.onnx"
+    r = subprocess.run([sys.executable, "-m", "models.export", name, str(out), *extra],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return out

