@@ -533,8 +533,12 @@ def cuda_kernels(fp8: bool) -> dict:
         "hadamard_11008": hadamard_transform(None, 11008, sylvester=32, dense=344, signs=True),
         "hadamard_heads": hadamard_transform(None, 384, sylvester=1, dense=12, inner=32),  # across 12 heads
     }
+    # the tensor-core kernels (dot4 weights): symbolic rows, one row, blocked scales
+    funcs["uint8_int8_mma"] = quantized_matmul(None, k, n, weight="int8", activation="uint8", dot4=True)
+    funcs["int8_int8_mma_gemv"] = quantized_matmul(1, k, n, weight="int8", activation="int8", dot4=True, block_size=128)
     if fp8:
         for dt in ("float8_e4m3fn", "float8_e5m2"):
+            funcs[f"{dt}_{dt}_mma"] = quantized_matmul(None, k, n, weight=dt, activation=dt, dot4=True, block_size=128)
             funcs[f"{dt}_weight_gemm"] = quantized_matmul(None, k, n, weight=dt, block_size=128)
             funcs[f"{dt}_{dt}_gemm"] = quantized_matmul(None, k, n, weight=dt, activation=dt)
             funcs[f"quantize_{dt}"] = quantize_tensor(None, k, dt)
@@ -556,6 +560,53 @@ def test_cuda_kernels_compile_with_nvcc(arch):
         assert "__nv_fp8" in source
     binary = cuda_binary(ex, target)
     assert len(binary) > 1000
+
+
+MMA_TYPES = {"uint8": "u8", "int8": "s8", "float8_e4m3fn": "e4m3", "float8_e5m2": "e5m2"}
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", CUDA_ARCHES)
+def test_8bit_gemms_use_tensor_cores(arch):
+    """The int8 (sm_80+) and fp8 (sm_89+) GEMMs in the dot4 layout are the tensor-core kernel:
+    the PTX nvcc makes of them holds mma.sync for the pair's types, and nothing spills to local
+    memory (the fragments stay in registers)."""
+    from tvm.support import nvcc
+
+    from lpcompile.backends.tvm.kernels import mma
+
+    target = cuda_target(arch)
+    pairs = [("uint8", "int8"), ("int8", "int8")]
+    if int(arch[3:]) >= 89:
+        pairs += [("float8_e4m3fn", "float8_e4m3fn"), ("float8_e5m2", "float8_e5m2"), ("float8_e4m3fn", "float8_e5m2")]
+    for act, wt in pairs:
+        for rows in (None, 1):
+            func = quantized_matmul(rows, 512, 128, weight=wt, activation=act, dot4=True, block_size=256)
+            assert mma.applies(func, target), (act, wt)
+            source = build(func, target).mod.imports[0].inspect_source()
+            with target:
+                ptx = bytes(nvcc.compile_cuda(source, target_format="ptx", arch=arch, compiler="nvcc")).decode()
+            acc = "f32" if wt.startswith("float8") else "s32"
+            want = f"mma.sync.aligned.m16n8k32.row.col.{acc}.{MMA_TYPES[act]}.{MMA_TYPES[wt]}.{acc}"
+            assert want in ptx, (act, wt, rows)
+            assert "ld.local" not in ptx and "st.local" not in ptx, (act, wt, rows)
+
+
+def test_tensor_core_kernel_takes_only_what_it_can():
+    """Shapes or pairs the tensor-core kernel does not cover keep the plain layout and schedule:
+    fp8 below sm_89, int4 weights, N not a multiple of 32, K not a multiple of 32, CPUs."""
+    from lpcompile.backends.tvm.kernels import mma
+
+    sm80, sm90 = cuda_target("sm_80"), cuda_target("sm_90")
+    assert mma.supported(sm80, "uint8", "int8", 256, 256, 64, 256)
+    assert not mma.supported(sm80, "float8_e4m3fn", "float8_e4m3fn", 256, 256, 64, 256)
+    assert mma.supported(sm90, "float8_e4m3fn", "float8_e4m3fn", 256, 256, 64, 128)
+    assert not mma.supported(sm90, "int8", "int4", 256, 256, 64, 128)
+    assert not mma.supported(sm90, "uint8", "int8", 256, 256, 48, 256)  # N
+    assert not mma.supported(sm90, "uint8", "int8", 200, 224, 64, 224)  # ragged K
+    assert not mma.supported(sm90, "uint8", "int8", 256, 256, 64, 48)  # block
+    assert not mma.supported(sm90, "float32", "int8", 256, 256, 64, 256)
+    assert not mma.supported(host_target(), "uint8", "int8", 256, 256, 64, 256)
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_86"])

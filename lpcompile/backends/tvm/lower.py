@@ -540,7 +540,7 @@ def _lower_linear(ctx: _Context, a: relax.Expr, b: relax.Expr, *, transposed: bo
     act = ctx.acts.get(a)
     pair = K.PAIRS.get((act.dtype, kind)) if act is not None else None
     native = act is not None and pair is not None and pair.act_scale == act.kind
-    dot4 = native and K.use_dot4(ctx.target, act.dtype, kind, k_pad)
+    dot4 = native and K.use_dot4(ctx.target, act.dtype, kind, k, k_pad, n, block)
     if kind == "int4" and dot4:
         packed = K.NIB8.pack(q_kn.astype(np.int8), k_pad)
     elif kind == "int4":
@@ -577,7 +577,8 @@ def _lower_linear(ctx: _Context, a: relax.Expr, b: relax.Expr, *, transposed: bo
     y2 = bb.emit(ctx.call(gv, args, relax.TensorType([m, n], "float32")))
     ctx.report.fired[f"{pattern}[{activation} x {kind}]"] += 1
     if node is not None:
-        report.layers[node] = {"kernel": f"{activation} x {kind}" + (" (dot4)" if dot4 else ""), "activation": activation,
+        layout = " (tensor cores)" if ctx.target.kind.name == "cuda" else " (dot4)"
+        report.layers[node] = {"kernel": f"{activation} x {kind}" + (layout if dot4 else ""), "activation": activation,
                                "status": "emulated" if emulated else "native", "reason": emulated}
     return y2 if len(shape) == 2 else relax.op.reshape(y2, [*shape[:-1], n])
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import tvm
 from tvm import tirx
 
-from lpcompile.backends.tvm.kernels import cpu, cuda
+from lpcompile.backends.tvm.kernels import cpu, cuda, mma
 from lpcompile.backends.tvm.kernels.compute import (
     FLOAT8,
     KERNEL_ATTR,
@@ -64,10 +64,14 @@ SCHEDULERS = {"llvm": cpu.schedule, "cuda": cuda.schedule}
 CUDA_PRECISE_MATH = ["-prec-div=true", "-prec-sqrt=true", "-ftz=false"]
 
 
-def use_dot4(target: tvm.target.Target, activation: str, weight: str, k_pad: int) -> bool:
-    """Whether a layer's weights go in a dot-product layout for a CPU with AVX-512 VNNI
-    (`vpdpbusd` multiplies unsigned by signed bytes): uint8 x int8 (DOT4), int8 x int4 (NIB8,
-    the weights biased to unsigned)."""
+def use_dot4(target: tvm.target.Target, activation: str, weight: str, k: int, k_pad: int, n: int, block: int) -> bool:
+    """Whether a layer's weights go in a dot-product layout (4 consecutive k of one output
+    together): on a CPU with AVX-512 VNNI (`vpdpbusd` multiplies unsigned by signed bytes) for
+    uint8 x int8 (DOT4) and int8 x int4 (NIB8, the weights biased to unsigned); on CUDA for the
+    layers the tensor-core kernel takes (8-bit pairs, see `mma.supported`), whose B fragments are
+    such 4-byte words."""
+    if target.kind.name == "cuda":
+        return mma.supported(target, activation, weight, k, k_pad, n, block)
     group = {("uint8", "int8"): DOT4.group, ("int8", "int4"): NIB8.group}.get((activation, weight))
     return (target.kind.name == "llvm" and group is not None and k_pad % group == 0
             and tvm.target.codegen.target_has_features("avx512vnni", target))

@@ -152,14 +152,17 @@ def quantized_matmul(
     elif weight == "int4":
         w = te.placeholder(tuple(dim(d) for d in layout.packed_shape(k_pad, n)), "uint32", name="w")
         decode_f = _decode_int4(w, layout, pair.acc)
+    elif dot4:
+        if weight not in ("int8", *FLOAT8) or k_pad % DOT4.group:
+            raise TargetError(f"the dot4 layout holds 8-bit weights with K padded to {DOT4.group} (got {weight}, K_pad {k_pad})")
+        w = te.placeholder(tuple(dim(d) for d in DOT4.packed_shape(k_pad, n)), weight, name="w")
+
+        def decode_f(kk, nn):
+            v = w[nn // DOT4.lanes, kk // DOT4.group, nn % DOT4.lanes, kk % DOT4.group]
+            return fp8_to_float32(v, weight) if weight in FLOAT8 else v.astype(pair.acc)
     elif weight in FLOAT8:
         w = te.placeholder((dim(k_pad), n_), weight, name="w")
         decode_f = lambda kk, nn: fp8_to_float32(w[kk, nn], weight)  # noqa: E731
-    elif dot4:
-        if weight != "int8" or k_pad % DOT4.group:
-            raise TargetError(f"the dot4 layout holds int8 weights with K padded to {DOT4.group} (got {weight}, K_pad {k_pad})")
-        w = te.placeholder(tuple(dim(d) for d in DOT4.packed_shape(k_pad, n)), weight, name="w")
-        decode_f = lambda kk, nn: w[nn // DOT4.lanes, kk // DOT4.group, nn % DOT4.lanes, kk % DOT4.group].astype(pair.acc)  # noqa: E731
     else:
         w = te.placeholder((dim(k_pad), n_), weight, name="w")
         decode_f = lambda kk, nn: w[kk, nn].astype(pair.acc)  # noqa: E731

@@ -15,6 +15,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.s_tir import Schedule
 
+from lpcompile.backends.tvm.kernels import mma
 from lpcompile.backends.tvm.kernels.compute import KERNEL_ATTR, hadamard_stages, has_block
 
 THREADS = 128
@@ -140,4 +141,8 @@ SCHEDULES = {
 
 
 def schedule(func: tirx.PrimFunc, target=None) -> tirx.PrimFunc:
+    """The tensor-core kernel where it applies (8-bit pairs in the dot4 layout), else the
+    generic schedule of the compute definition."""
+    if target is not None and mma.applies(func, target):
+        return mma.mma_gemm(func)
     return SCHEDULES[str(func.attrs[KERNEL_ATTR])](func)
