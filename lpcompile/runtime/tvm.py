@@ -57,6 +57,27 @@ def _serve_cuda_binaries(path: Path, entries: list[dict]) -> None:
     tvm_ffi.register_global_func(name, serve, override=True)
 
 
+def _ensure_cuda_runtime() -> None:
+    """TVM's CUDA device API lives in a side library (libtvm_runtime_cuda) that TVM registers
+    only when its compiler is loaded too; a runtime-only deployment (TVM_USE_RUNTIME_LIB=1, or a
+    runtime-only wheel) has to load it itself."""
+    import tvm_ffi
+
+    if tvm_ffi.get_global_func("device_api.cuda", allow_missing=True) is not None:
+        return
+    from pathlib import Path as _Path
+
+    from tvm.base import _LOADED_LIBS
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    lib_dir = _Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    try:
+        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+            package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[lib_dir], mode="RTLD_LOCAL")
+    except (OSError, RuntimeError) as e:
+        raise ArtifactError(f"TVM's CUDA runtime could not be loaded ({str(e).splitlines()[0]})") from None
+
+
 class TvmModel:
     """A compiled model: `model(*arrays)` / `model(name=array, ...)` / `model.run(feeds)`."""
 
@@ -77,6 +98,8 @@ class TvmModel:
             raise ArtifactError(f"{self.path}: compiled for {machine}; this machine is {platform.machine()}")
         kind = device or self.manifest.get("device", "cpu")
         self.is_cuda = kind == "cuda"
+        if self.is_cuda:
+            _ensure_cuda_runtime()
         self.device = tvm.cuda(0) if self.is_cuda else tvm.cpu(0)
         if kind == "cuda" and not self.device.exist:
             raise ArtifactError(f"{self.path}: compiled for CUDA but no CUDA device is available")
