@@ -6,7 +6,7 @@ Two steps, because the GPU machine has TVM's runtime but not its compiler:
     python benchmarks/gpu_kernels.py run DIR [-o results.json]  # on the GPU: TVM runtime, numpy, torch
 
 `build` compiles (nvcc, for --arch) the kernels the lowering emits for each 8-bit and 4-bit
-pair: the tensor-core kernel (`mma`, both row-fragment counts), the plain schedule of the same
+pair: the tensor-core kernel (`mma`, in several tilings), the plain schedule of the same
 definitions, and the int4 / W4A8 kernels; and writes test cases whose expected outputs numpy
 computes from the unpacked codes (int64 sums for integers, float64 for fp8), not from our code.
 
@@ -27,21 +27,21 @@ from pathlib import Path
 import numpy as np
 
 K_CHECK, N_CHECK = 256, 128
-ROWS_CHECK = (1, 5, 37, 70)
+ROWS_CHECK = (1, 5, 37, 70, 200)
 K_BENCH = N_BENCH = 4096
-ROWS_BENCH = (1, 16, 128, 1024)
+ROWS_BENCH = (1, 16, 128, 256, 1024)
 BLOCK = 128
 
-# name: (activation, weight, dot4, block, kernel schedule: "mma1" / "mma2" / "plain")
+# name: (activation, weight, dot4, block, kernel: a tensor-core tiling of TILINGS, or "plain")
 KERNELS = {
-    "u8s8_mma1": ("uint8", "int8", True, None, "mma1"),
-    "u8s8_mma2": ("uint8", "int8", True, None, "mma2"),
+    "u8s8": ("uint8", "int8", True, None, "adaptive"),
+    "u8s8_small": ("uint8", "int8", True, None, "small"),
+    "u8s8_large": ("uint8", "int8", True, None, "large"),
     "u8s8_plain": ("uint8", "int8", False, None, "plain"),
-    "s8s8_b128_mma2": ("int8", "int8", True, BLOCK, "mma2"),
-    "e4m3_mma1": ("float8_e4m3fn", "float8_e4m3fn", True, None, "mma1"),
-    "e4m3_mma2": ("float8_e4m3fn", "float8_e4m3fn", True, None, "mma2"),
+    "s8s8_b128": ("int8", "int8", True, BLOCK, "adaptive"),
+    "e4m3": ("float8_e4m3fn", "float8_e4m3fn", True, None, "adaptive"),
     "e4m3_plain": ("float8_e4m3fn", "float8_e4m3fn", False, None, "plain"),
-    "e5m2_b128_mma2": ("float8_e5m2", "float8_e5m2", True, BLOCK, "mma2"),
+    "e5m2_b128": ("float8_e5m2", "float8_e5m2", True, BLOCK, "adaptive"),
     "f32_int4_b128": ("float32", "int4", False, BLOCK, "plain"),
     "s8_int4_b128": ("int8", "int4", False, BLOCK, "plain"),
     "f32_e4m3_b128": ("float32", "float8_e4m3fn", False, BLOCK, "plain"),
@@ -64,9 +64,9 @@ def _scheduled(spec, func, target):
     kind = spec[4]
     if target.kind.name == "llvm":  # the cases checked on this CPU: generic schedules of the same definitions
         return cpu.schedule(func, target, generic_only=True)
-    if kind.startswith("mma"):
+    if kind != "plain":  # the tensor-core kernel: as the lowering picks it, or one tiling only
         assert mma.applies(func, target), spec
-        return mma.mma_gemm(func, frags=int(kind[3:]))
+        return mma.mma_gemm(func, {"adaptive": None, "small": mma.SMALL, "large": mma.LARGE}[kind])
     return cuda.SCHEDULES["quantized_matmul"](func)
 
 
@@ -271,7 +271,7 @@ def run(out: Path, result_path: Path, reps: int) -> int:
         for name in KERNELS:
             fname = f"{name}_bench"
             args = _random_args(tvm, meta["kernels"][fname]["params"], m, dev, rng)
-            f = lib.time_evaluator(fname, dev, number=10, repeat=reps)
+            f = lib.time_evaluator(fname, dev, number=5, repeat=reps)
             row["us"][f"lpc_{name}"] = float(np.median(f(*args).results) * 1e6)
         for b, v in _torch_baselines(m, K_BENCH, N_BENCH, reps).items():
             row["us"][b] = v
@@ -300,7 +300,7 @@ def main(argv=None) -> int:
     r = sub.add_parser("run")
     r.add_argument("dir")
     r.add_argument("-o", "--output", default="benchmarks/results/gpu_kernels.json")
-    r.add_argument("--reps", type=int, default=20)
+    r.add_argument("--reps", type=int, default=10)
     args = p.parse_args(argv)
     if args.cmd == "build":
         build(Path(args.dir), args.arch)

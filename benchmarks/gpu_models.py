@@ -14,8 +14,11 @@ model and on the float model for batch 1 and 16 of held-out inputs.
 onnxruntime's on the same QDQ model, and times it (p50 of 100 calls, inputs already on the GPU).
 Weight-only recipes must match to fp32 rounding (1e-4 relative); where activations are quantized a
 value within rounding noise of a step may land on the other side on another processor, so the test
-is the one of the CPU backend tests: the GPU's distance to onnxruntime is under half of the
-quantization's own error (onnxruntime's distance to the float model). The GPU baseline is torch
+is the one of the CPU backend tests over the batch of 16: in cosine distance, the GPU's distance to
+onnxruntime is under half of the quantization's own (onnxruntime's to the float model), and the GPU
+is as far from the float model as onnxruntime (within 10%); one sample is too few for that
+statistic (a flip early in MiniLM int8 moves its single output as much on this CPU backend), so
+batch 1 must only be no farther than 1.5x onnxruntime from the float model. The GPU baseline is torch
 (eager fp32 and fp16) on the same modules (`models/`, same seeds: its fp32 output is checked
 against the float model's); MiniLM has no torch baseline there (its weights are not on that machine).
 """
@@ -39,7 +42,7 @@ MODELS = {
     "llama-tiny": (["llama-tiny", "--outliers"], ALL),
     "minilm": (["minilm"], ("int8",)),
 }
-CHECKED_ROWS = 4  # outputs kept for the check (rows are independent): keeps the references small
+CHECKED_ROWS = {"llama-tiny": 4}  # rows of logits kept for the check (rows are independent), else all
 BATCHES = (1, 16)
 SEQ = {"llama-tiny": 32, "minilm": 64}
 RUNTIME_FILES = ("model.so", "params.bin", "manifest.json")
@@ -77,7 +80,7 @@ def build(out: Path, arch: str, work: Path, minilm: Path | None) -> None:
         for batch in BATCHES:
             feeds = _feeds(model, data, batch)
             refs.update({f"b{batch}/in/{k}": v for k, v in feeds.items()})
-            refs[f"b{batch}/float"] = _ort(onnx_path, feeds)[0][:CHECKED_ROWS]
+            refs[f"b{batch}/float"] = _ort(onnx_path, feeds)[0][:CHECKED_ROWS.get(model)]
         for fmt in formats:
             art = d / f"cuda-{fmt}"
             if not (art / "manifest.json").exists():
@@ -92,7 +95,7 @@ def build(out: Path, arch: str, work: Path, minilm: Path | None) -> None:
                 shutil.copy2(art / f, dest / f)
             for batch in BATCHES:
                 refs[f"b{batch}/{fmt}"] = _ort(art / "model.qdq.onnx", {k[len(f"b{batch}/in/"):]: v for k, v in refs.items()
-                                                                         if k.startswith(f"b{batch}/in/")})[0][:CHECKED_ROWS]
+                                                                         if k.startswith(f"b{batch}/in/")})[0][:CHECKED_ROWS.get(model)]
             meta["artifacts"].append({"model": model, "format": fmt, "dir": dest.name,
                                       "kernels": sorted({l["kernel"] for l in manifest["layers"] if l.get("kernel")}),
                                       "status": sorted({l["status"] for l in manifest["layers"]})})
@@ -103,6 +106,13 @@ def build(out: Path, arch: str, work: Path, minilm: Path | None) -> None:
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm((a - b).ravel()) / max(np.linalg.norm(b.ravel()), 1e-30))
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean cosine similarity of the rows (samples)."""
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).mean())
 
 
 def _torch_module(model: str):
@@ -153,11 +163,17 @@ def run(out: Path, result_path: Path) -> int:
             continue
         for batch in BATCHES:
             feeds = {k.split("/")[-1]: r[k] for k in r.files if k.startswith(f"b{batch}/in/")}
-            got = m.run(feeds)[m.output_names[0]][:CHECKED_ROWS]
+            got = m.run(feeds)[m.output_names[0]][:CHECKED_ROWS.get(model)]
             ort_q, ort_f = r[f"b{batch}/{fmt}"], r[f"b{batch}/float"]
             gpu_vs_ort, ort_vs_float, gpu_vs_float = _rel(got, ort_q), _rel(ort_q, ort_f), _rel(got, ort_f)
-            ok = bool(np.isfinite(got).all()) and (gpu_vs_ort <= 1e-4 if fmt in WEIGHT_ONLY else
-                                                    gpu_vs_ort <= max(1e-4, 0.5 * ort_vs_float))
+            if fmt in WEIGHT_ONLY:
+                ok = gpu_vs_ort <= 1e-4
+            else:  # the CPU backend's test (tests/backends/test_whole_models.py), in cosine distance,
+                # over the batch of 16; a single sample only must not be much farther from float
+                d_gpu_ort, d_gpu_float, d_ort_float = 1 - _cos(got, ort_q), 1 - _cos(got, ort_f), 1 - _cos(ort_q, ort_f)
+                ok = (d_gpu_ort <= 0.5 * d_ort_float and abs(d_gpu_float - d_ort_float) <= 0.1 * d_ort_float + 1e-5
+                      if batch > 1 else d_gpu_float <= 1.5 * d_ort_float + 1e-5)
+            ok = ok and bool(np.isfinite(got).all())
             failures += not ok
             bench = m.benchmark(inputs=feeds, warmup=10, repeat=100)
             entry["batches"][str(batch)] = {"ok": ok, "gpu_vs_ort": gpu_vs_ort, "ort_vs_float": ort_vs_float,
@@ -176,7 +192,7 @@ def run(out: Path, result_path: Path) -> int:
             feeds = [torch.from_numpy(r[k]).cuda() for k in sorted(r.files) if k.startswith(f"b{batch}/in/")]
             with torch.no_grad():
                 y32 = module(*feeds)
-                y32 = (y32[0] if isinstance(y32, tuple) else y32).float().cpu().numpy()[:CHECKED_ROWS]
+                y32 = (y32[0] if isinstance(y32, tuple) else y32).float().cpu().numpy()[:CHECKED_ROWS.get(model)]
                 t32 = _cuda_time_ms(lambda: module(*feeds))
                 half = module.half()
                 f16 = [f.half() if f.is_floating_point() else f for f in feeds]

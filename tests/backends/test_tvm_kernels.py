@@ -571,8 +571,6 @@ def test_8bit_gemms_use_tensor_cores(arch):
     """The int8 (sm_80+) and fp8 (sm_89+) GEMMs in the dot4 layout are the tensor-core kernel:
     the PTX nvcc makes of them holds mma.sync for the pair's types, and nothing spills to local
     memory (the fragments stay in registers)."""
-    from tvm.support import nvcc
-
     from lpcompile.backends.tvm.kernels import mma
 
     target = cuda_target(arch)
@@ -583,9 +581,7 @@ def test_8bit_gemms_use_tensor_cores(arch):
         for rows in (None, 1):
             func = quantized_matmul(rows, 512, 128, weight=wt, activation=act, dot4=True, block_size=256)
             assert mma.applies(func, target), (act, wt)
-            source = build(func, target).mod.imports[0].inspect_source()
-            with target:
-                ptx = bytes(nvcc.compile_cuda(source, target_format="ptx", arch=arch, compiler="nvcc")).decode()
+            ptx = cuda_binary(build(func, target), target, "ptx").decode()
             acc = "f32" if wt.startswith("float8") else "s32"
             want = f"mma.sync.aligned.m16n8k32.row.col.{acc}.{MMA_TYPES[act]}.{MMA_TYPES[wt]}.{acc}"
             assert want in ptx, (act, wt, rows)
@@ -613,3 +609,19 @@ def test_tensor_core_kernel_takes_only_what_it_can():
 def test_cuda_fp8_needs_sm89(arch):
     with pytest.raises(TargetError, match="sm_89"):
         build(quantized_matmul(None, 256, 64, weight="float8_e4m3fn"), cuda_target(arch))
+
+
+@needs_nvcc
+def test_cuda_compiles_without_fast_math():
+    """nvcc gets no --use_fast_math from lpcompile: with it powf becomes __powf (lg2.approx of the
+    base: NaN for x^2 of a negative x, which broke LLaMA's RMSNorm on an H200)."""
+    from tvm import te
+
+    from lpcompile.backends.tvm.kernels.compute import KERNEL_ATTR
+
+    x = te.placeholder((te.var("n", "int64"),), "float32", name="x")
+    y = te.compute(x.shape, lambda i: tvm.tirx.power(x[i], tvm.tirx.const(2.0, "float32")), name="elementwise")
+    func = te.create_prim_func([x, y]).with_attr({KERNEL_ATTR: "elementwise"})
+    target = cuda_target("sm_90")
+    ptx = cuda_binary(build(func, target), target, "ptx").decode()
+    assert "lg2.approx" not in ptx

@@ -61,17 +61,13 @@ def _cuda_binaries(ex, target: tvm.target.Target, out: Path) -> list[dict]:
     them when the library is loaded (its `tvm_callback_cuda_compile`, NVRTC by default); the
     runtime answers that callback with these prebuilt binaries instead (by source hash), so
     loading needs neither NVRTC nor nvcc."""
-    from tvm.support import nvcc
-
-    from lpcompile.backends.tvm.kernels import CUDA_PRECISE_MATH
+    from lpcompile.backends.tvm.kernels import nvcc_compile
 
     arch = str(target.attrs["arch"])
     binaries = []
     for i, m in enumerate(_cuda_modules(ex.mod)):
         source = m.inspect_source()
-        with target:
-            binary = bytes(nvcc.compile_cuda(source, target_format="fatbin", arch=arch, options=CUDA_PRECISE_MATH,
-                                             compiler="nvcc"))
+        binary = nvcc_compile(source, target, "fatbin")
         name = f"cuda{i}.fatbin"
         (out / name).write_bytes(binary)
         binaries.append({"file": name, "arch": arch, "source_sha256": hashlib.sha256(source.encode()).hexdigest(),

@@ -48,6 +48,7 @@ __all__ = [
     "dequantize_linear",
     "quantize_linear",
     "cuda_binary",
+    "nvcc_compile",
     "hadamard_transform",
     "onnx_weight_to_kn",
     "quantize_rows",
@@ -59,8 +60,10 @@ __all__ = [
 
 SCHEDULERS = {"llvm": cpu.schedule, "cuda": cuda.schedule}
 
-# nvcc/NVRTC get --use_fast_math from TVM; undo the parts that change results (approximate
-# division would move quantization rounding ties away from the CPU/ONNX reference).
+# TVM hands nvcc --use_fast_math, which turns powf into __powf (NaN for a negative base: measured
+# on an H200, LLaMA's RMSNorm x^2 came out NaN) and expf/logf/division into approximations that move
+# quantization rounding away from the CPU/ONNX reference. lpcompile compiles without it
+# (TVM_CUDA_NVCC_NO_FAST_MATH), precise division, square root and denormals spelled out too.
 CUDA_PRECISE_MATH = ["-prec-div=true", "-prec-sqrt=true", "-ftz=false"]
 
 
@@ -97,12 +100,25 @@ def build(funcs: tirx.PrimFunc | Mapping[str, tirx.PrimFunc], target: tvm.target
     return tvm.compile(mod, target=target)
 
 
-def cuda_binary(ex: tvm.runtime.Executable, target: tvm.target.Target, fmt: str = "cubin") -> bytes:
-    """Compile the CUDA source of a `build` for `target` with nvcc (precise division)."""
+def nvcc_compile(source: str, target: tvm.target.Target, fmt: str = "fatbin") -> bytes:
+    """CUDA source -> cubin / fatbin / ptx for the target's arch, with nvcc and precise math."""
+    import os
+
     from tvm.support import nvcc
 
-    source = ex.mod.imports[0].inspect_source()
-    with target:
-        return bytes(
-            nvcc.compile_cuda(source, target_format=fmt, arch=str(target.attrs["arch"]), options=CUDA_PRECISE_MATH, compiler="nvcc")
-        )
+    saved = os.environ.get("TVM_CUDA_NVCC_NO_FAST_MATH")
+    os.environ["TVM_CUDA_NVCC_NO_FAST_MATH"] = "1"
+    try:
+        with target:
+            return bytes(nvcc.compile_cuda(source, target_format=fmt, arch=str(target.attrs["arch"]),
+                                           options=CUDA_PRECISE_MATH, compiler="nvcc"))
+    finally:
+        if saved is None:
+            del os.environ["TVM_CUDA_NVCC_NO_FAST_MATH"]
+        else:
+            os.environ["TVM_CUDA_NVCC_NO_FAST_MATH"] = saved
+
+
+def cuda_binary(ex: tvm.runtime.Executable, target: tvm.target.Target, fmt: str = "cubin") -> bytes:
+    """Compile the CUDA source of a `build` for `target` with nvcc (precise math)."""
+    return nvcc_compile(ex.mod.imports[0].inspect_source(), target, fmt)
