@@ -42,7 +42,8 @@ KERNELS = {
     "e4m3": ("float8_e4m3fn", "float8_e4m3fn", True, None, "adaptive"),
     "e4m3_plain": ("float8_e4m3fn", "float8_e4m3fn", False, None, "plain"),
     "e5m2_b128": ("float8_e5m2", "float8_e5m2", True, BLOCK, "adaptive"),
-    "f32_int4_b128": ("float32", "int4", False, BLOCK, "plain"),
+    "f32_int4_b128": ("float32", "int4", False, BLOCK, "auto"),
+    "f32_int4_b128_plain": ("float32", "int4", False, BLOCK, "plain"),
     "s8_int4_b128": ("int8", "int4", False, BLOCK, "plain"),
     "f32_e4m3_b128": ("float32", "float8_e4m3fn", False, BLOCK, "plain"),
 }
@@ -64,6 +65,8 @@ def _scheduled(spec, func, target):
     kind = spec[4]
     if target.kind.name == "llvm":  # the cases checked on this CPU: generic schedules of the same definitions
         return cpu.schedule(func, target, generic_only=True)
+    if kind == "auto":  # whatever the lowering's CUDA schedule table picks
+        return cuda.schedule(func, target)
     if kind != "plain":  # the tensor-core kernel: as the lowering picks it, or one tiling only
         assert mma.applies(func, target), spec
         return mma.mma_gemm(func, {"adaptive": None, "small": mma.SMALL, "large": mma.LARGE}[kind])

@@ -15,7 +15,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.s_tir import Schedule
 
-from lpcompile.backends.tvm.kernels import mma
+from lpcompile.backends.tvm.kernels import cuda_int4, mma
 from lpcompile.backends.tvm.kernels.compute import KERNEL_ATTR, hadamard_stages, has_block
 
 THREADS = 128
@@ -141,8 +141,10 @@ SCHEDULES = {
 
 
 def schedule(func: tirx.PrimFunc, target=None) -> tirx.PrimFunc:
-    """The tensor-core kernel where it applies (8-bit pairs in the dot4 layout), else the
-    generic schedule of the compute definition."""
+    """The tensor-core kernel where it applies (8-bit pairs in the dot4 layout), the split-K
+    kernel for float x int4, else the generic schedule of the compute definition."""
     if target is not None and mma.applies(func, target):
         return mma.mma_gemm(func)
+    if target is not None and cuda_int4.applies(func, target):
+        return cuda_int4.int4_gemm(func)
     return SCHEDULES[str(func.attrs[KERNEL_ATTR])](func)
