@@ -514,6 +514,20 @@ def _node_name(attr: dict) -> str | None:
     return (attr.get("tvm_custom") or {}).get("name")
 
 
+def kernel_choice(target: tvm.target.Target, act: tuple[str, str] | None, weight: str, k: int, n: int,
+                  block: int) -> tuple[bool, bool]:
+    """(native, dot4) for a [k, n] linear with `weight` codes (a key of `K.PAIRS`) in scale blocks
+    of `block` along K (k for one block) whose input is quantized as `act` = (dtype, scale kind
+    "tensor" | "row"), or float (None). Native: a kernel takes the input in its quantized form
+    (else the kernel gets float activations); dot4: the weights go in the dot-product layout
+    (`K.use_dot4`: VNNI on CPUs, tensor cores on CUDA). The latency model asks the same
+    question, so what it times is what this lowering emits."""
+    pair = K.PAIRS.get((act[0], weight)) if act is not None else None
+    native = pair is not None and pair.act_scale == act[1]
+    k_pad = -(-k // block) * block
+    return native, native and K.use_dot4(target, act[0], weight, k, k_pad, n, block)
+
+
 def _lower_linear(ctx: _Context, a: relax.Expr, b: relax.Expr, *, transposed: bool, pattern: str, node: str | None = None):
     bb = ctx.bb
     w = ctx.weights.get(b)
@@ -538,9 +552,7 @@ def _lower_linear(ctx: _Context, a: relax.Expr, b: relax.Expr, *, transposed: bo
     k, n = q_kn.shape
     k_pad = s.shape[0] * block
     act = ctx.acts.get(a)
-    pair = K.PAIRS.get((act.dtype, kind)) if act is not None else None
-    native = act is not None and pair is not None and pair.act_scale == act.kind
-    dot4 = native and K.use_dot4(ctx.target, act.dtype, kind, k, k_pad, n, block)
+    native, dot4 = kernel_choice(ctx.target, (act.dtype, act.kind) if act is not None else None, kind, k, n, block)
     if kind == "int4" and dot4:
         packed = K.NIB8.pack(q_kn.astype(np.int8), k_pad)
     elif kind == "int4":
