@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Kernel latencies (lpcompile.backends.tvm.latency) measured by tests go to a cache of this test
+# session (CLI subprocesses inherit it), never the user's ~/.cache/lpcompile.
+os.environ["LPCOMPILE_CACHE"] = tempfile.mkdtemp(prefix="lpcompile-test-cache-")
+atexit.register(shutil.rmtree, os.environ["LPCOMPILE_CACHE"], ignore_errors=True)
 
 
 def ort_run(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
