@@ -16,14 +16,19 @@ Three steps, each measured rather than guessed:
    run per calibration batch; the float reference outputs are computed once.
 2. Cost. Weight bits per layer per candidate, including scales and zero points (exactly what the
    quantized initializers store); activation bits per element; formats the target cannot run
-   natively are flagged "emulated" (or dropped, `allow_emulated=False`). Kernel latency is not
-   measured (the backend has no per-shape timing service yet), so it is not a budget kind.
+   natively are flagged "emulated" (or dropped, `allow_emulated=False`). Kernel latency is the
+   backend's measurement on the target (`backends.tvm.latency`, cached per kernel shape), which
+   the pass receives as data (`LatencyCosts`): microseconds of each layer's kernels per option
+   at a given token count; options with no native kernel there have none and are not candidates
+   under a latency budget; embedding tables (gathers, not matmuls) cost 0.
 3. Solver. Small output errors of different layers add up (their noises are nearly
    independent), so the model's NSR is predicted by Σ NSR_i and its cosine loss by Σ loss_i.
    Choosing one option per layer to minimise Σ NSR_i subject to Σ bits_i <= budget is a
    multiple-choice knapsack, solved exactly by dynamic programming over costs rounded *up* to
-   1/resolution of the budget (so the solution always meets the budget). `min_cosine` solves the
-   dual: fewest bits with Σ loss_i <= 1 - C (the caller verifies on data and tightens).
+   1/resolution of the budget (so the solution always meets the budget). A latency budget is the
+   same knapsack over the layers' kernel microseconds (Σ µs_i <= budget, costs rounded up to
+   budget/4096: at most one unit per layer is lost to rounding). `min_cosine` solves the dual:
+   fewest bits with Σ loss_i <= 1 - C (the caller verifies on data and tightens).
 
 FP8 exponent bits: per layer the local SQNR of the ExMy family (E2M5, E3M4, E4M3, E5M2; "FP8
 Quantization: The Power of the Exponent") is measured for the weights (per-channel, absmax scale)
@@ -40,7 +45,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +81,29 @@ def spec_text(spec: QuantSpec | None) -> str:
     return FLOAT if spec is None else str(spec)
 
 
+def option_key(weights: QuantSpec | None, activations: QuantSpec | None) -> str:
+    """How `LatencyCosts` names a layer's (weights, activations) option."""
+    return f"{spec_text(weights)}|{spec_text(activations)}"
+
+
+@dataclass(frozen=True)
+class LatencyCosts:
+    """Kernel latency per layer and option, as the backend measured it on the target.
+
+    `per_layer[layer name][option_key(w, a)]`: microseconds of the layer's kernels (its matmul,
+    and the kernel quantizing its input where that is quantized) at `tokens` rows; an option
+    absent has no native kernel on `target` (not a candidate under a latency budget). A layer
+    absent (an embedding table: a gather) costs nothing."""
+
+    per_layer: Mapping[str, Mapping[str, float]]
+    tokens: int = 1
+    target: str = ""
+    note: str = ""
+
+    def of(self, name: str, weights: QuantSpec | None, activations: QuantSpec | None) -> float | None:
+        return (self.per_layer.get(name) or {}).get(option_key(weights, activations))
+
+
 def parse_spec(text: str | None) -> QuantSpec | None:
     return None if text in (None, FLOAT, "none", "float32", "fp32", "keep") else QuantSpec.parse(text)
 
@@ -109,18 +137,20 @@ class LayerChoice:
     bits: int = 0  # weight bits of this choice, scales included
     predicted: dict = field(default_factory=dict)  # {"nsr": ..., "cosine_loss": ...} from sensitivity
     pinned: bool = False
+    latency_us: float | None = None  # the measured kernel latency of this choice (None: not measured)
 
     def to_json(self) -> dict:
         return {"name": self.name, "weights": spec_text(self.weights), "activations": spec_text(self.activations),
                 "method": self.method, "rotation": self.rotation, "reason": self.reason, "shape": list(self.shape),
-                "bits": self.bits, "predicted": self.predicted, "pinned": self.pinned}
+                "bits": self.bits, "predicted": self.predicted, "pinned": self.pinned, "latency_us": self.latency_us}
 
     @classmethod
     def from_json(cls, d: dict) -> "LayerChoice":
         return cls(d["name"], parse_spec(d.get("weights")), parse_spec(d.get("activations")), d.get("method", "gptq"),
                    d.get("rotation", "none"), d.get("reason", ""), tuple(int(v) for v in d.get("shape", (0, 0))),
                    int(d.get("bits", 0)),
-                   dict(d.get("predicted") or {}), bool(d.get("pinned", False)))
+                   dict(d.get("predicted") or {}), bool(d.get("pinned", False)),
+                   None if d.get("latency_us") is None else float(d["latency_us"]))
 
 
 @dataclass
@@ -183,6 +213,19 @@ class Plan:
             if fnmatch.fnmatchcase(name, pattern):
                 hit = (parse_spec(pin.get("weights")), parse_spec(pin.get("activations")), pin.get("method", "gptq"))
         return hit
+
+    def set_latency(self, costs: LatencyCosts, embeddings: frozenset[str] = frozenset()) -> None:
+        """Each layer's `latency_us` from `costs` and the totals: the sum over the layers timed
+        (`embeddings`, gathers, are not kernels timed), and which layers were not."""
+        untimed = []
+        for c in self.layers:
+            c.latency_us = costs.of(c.name, c.weights, c.activations)
+            if c.latency_us is None and c.name not in embeddings:
+                untimed.append(c.name)
+        timed = [c.latency_us for c in self.layers if c.latency_us is not None]
+        self.totals["latency_us"] = sum(timed) if timed else None
+        self.totals["latency"] = {"tokens": costs.tokens, "target": costs.target, "layers_timed": len(timed),
+                                  "untimed": untimed, "note": costs.note}
 
     def with_pins_applied(self) -> "Plan":
         """This plan with every pin written into the layers it matches."""
@@ -315,8 +358,10 @@ class Select(ir.passes.InPlacePass):
     """Measure every layer's sensitivity to each candidate and choose a format per layer.
 
     Exactly one of `budget_bits` (average weight bits over the linear layers, scales included),
-    `budget_bytes` (total weight bytes) or `min_cosine` (predicted mean output cosine) sets the
-    goal. `data`: calibration batches (what `CalibrationData.batches` yields), of which the first
+    `budget_bytes` (total weight bytes), `budget_latency` (microseconds: the sum of the layers'
+    measured kernel latencies, `latency`) or `min_cosine` (predicted mean output cosine) sets the
+    goal. `latency`: the backend's measurements (`LatencyCosts`); needed by `budget_latency`,
+    reported with any goal. `data`: calibration batches (what `CalibrationData.batches` yields), of which the first
     `samples` samples are used; `Calibrate` must have run (static activation scales).
     `activations`: the input formats a plan may use (None = float; the default plans weights
     only, since activation formats do not change weight bits); `analysis_activations` are
@@ -330,6 +375,8 @@ class Select(ir.passes.InPlacePass):
     budget_bits: float | None = None
     budget_bytes: float | None = None
     min_cosine: float | None = None
+    budget_latency: float | None = None
+    latency: LatencyCosts | None = None
     samples: int = 32
     batch_size: int = 16
     rows: int = 2048
@@ -345,13 +392,16 @@ class Select(ir.passes.InPlacePass):
     progress: Progress | None = None
 
     def __post_init__(self):
-        goals = [g for g in (self.budget_bits, self.budget_bytes, self.min_cosine) if g is not None]
+        goals = [g for g in (self.budget_bits, self.budget_bytes, self.min_cosine, self.budget_latency) if g is not None]
         if len(goals) != 1:
-            raise LpcompileError("select needs exactly one goal: a bits budget, a bytes budget or a minimum cosine")
+            raise LpcompileError("select needs exactly one goal: a bits budget, a bytes budget, a latency budget "
+                                 "or a minimum cosine")
         if self.budget_bits is not None and not 1.0 <= self.budget_bits <= 32.0:
             raise LpcompileError(f"--budget {self.budget_bits:g} is not an average weight bit width in [1, 32]")
         if self.budget_bytes is not None and self.budget_bytes <= 0:
             raise LpcompileError(f"bytes budget {self.budget_bytes:g} must be positive")
+        if self.budget_latency is not None and not (math.isfinite(self.budget_latency) and self.budget_latency > 0):
+            raise LpcompileError(f"latency budget {self.budget_latency:g} us must be a positive number of microseconds")
         if self.min_cosine is not None and not 0.0 < self.min_cosine < 1.0:
             raise LpcompileError(f"--min-cosine {self.min_cosine:g} must lie in (0, 1)")
 
@@ -363,6 +413,8 @@ class Select(ir.passes.InPlacePass):
         layers = find_linear_layers(model.graph)
         if not layers:
             raise PassError("select: the model has no linear layers")
+        if self.budget_latency is not None and self.latency is None:
+            raise PassError("select: a latency budget needs the backend's kernel latencies (Select.latency)")
         key = self.measurement_key(layers, calibration)
         cached = self.plan is not None and self.plan.sensitivity and self.plan.sensitivity.get("@key") == key
         sens = self.plan.sensitivity if cached else {"@key": key, **measure_sensitivity(model, layers, calibration, self)}
@@ -385,34 +437,51 @@ class Select(ir.passes.InPlacePass):
 
     # --- solving -------------------------------------------------------------------------------
 
-    def options(self, layer: LinearLayer, s: dict) -> list[tuple[QuantSpec | None, QuantSpec | None]]:
-        """The (weights, activations) pairs this layer may take."""
+    def options(self, layer: LinearLayer, s: dict | None) -> list[tuple[QuantSpec | None, QuantSpec | None]]:
+        """The (weights, activations) pairs this layer may take; with `s` None (no sensitivity
+        measured yet) every pair it might take, e.g. to measure their latency beforehand. Under a
+        latency budget, only pairs with a measured latency."""
         if self.plan is not None and (pin := self.plan.pinned_choice(layer.name)) is not None:
             return [(pin[0], pin[1])]
-        weights = [parse_spec(w) for w in s["weights"]] + [None]
+        listed = s["weights"] if s is not None else (self.embeddings if layer.kind == "embedding" else self.weights)
+        weights = [parse_spec(w) for w in listed] + [None]
         weights = [w for w in weights if w is None or self._allowed(w)]
         if layer.kind == "embedding" or layer.activation is None:
             return [(w, None) for w in weights]
         acts = [parse_spec(a) if isinstance(a, str) else a for a in self.activations]
         acts = [a for a in acts if a is None or self._allowed(a)]
-        fp8 = s.get("fp8_activation")
+        fp8 = s.get("fp8_activation") if s is not None else None
         # FP8 activations: only the split this layer's outliers call for (see `exmy`).
-        acts = [a for a in acts if a is None or a.format.name not in DEPLOYABLE_FP8 or a.format.name == fp8]
-        return [(w, a) for w in weights for a in acts]
+        acts = [a for a in acts if a is None or a.format.name not in DEPLOYABLE_FP8 or fp8 is None or a.format.name == fp8]
+        pairs = [(w, a) for w in weights for a in acts]
+        if self.budget_latency is not None and s is not None:
+            pairs = [(w, a) for w, a in pairs if self.latency.of(layer.name, w, a) is not None]
+        return pairs
 
     def _allowed(self, spec: QuantSpec) -> bool:
         return self.allow_emulated or spec.format.name not in self.emulated
 
     def solve(self, layers: Sequence[LinearLayer], sens: dict[str, dict]) -> Plan:
-        groups, costs, nsr, loss = [], [], [], []
+        groups, costs, nsr, loss, micros = [], [], [], [], []
         for layer in layers:
             s = sens[layer.name]
             opts = self.options(layer, s)
+            if not opts:  # (only a latency budget drops options)
+                raise LpcompileError(f"layer {layer.name}: no candidate format has a native kernel, so a measured "
+                                     f"latency, on {self.latency.target or 'the target'}")
             groups.append(opts)
             k, n = s["shape"]
             costs.append([weight_bits(w, k, n) for w, _ in opts])
             nsr.append([_e2e(s, w, a, "nsr") for w, a in opts])
             loss.append([_e2e(s, w, a, "cosine_loss") for w, a in opts])
+            if self.budget_latency is not None:
+                if layer.kind == "embedding":  # a gather: no matmul kernel, not part of the budget
+                    micros.append([0.0] * len(opts))
+                elif any(self.latency.of(layer.name, w, a) is None for w, a in opts):  # only a pin gets here
+                    raise LpcompileError(f"layer {layer.name}: its pinned format has no native kernel on "
+                                         f"{self.latency.target or 'the target'}, so no latency to budget")
+                else:
+                    micros.append([self.latency.of(layer.name, w, a) for w, a in opts])
         params = sum(sens[l.name]["params"] for l in layers)
         if self.budget_bits is not None:
             budget = {"kind": "bits", "value": self.budget_bits}
@@ -424,11 +493,19 @@ class Select(ir.passes.InPlacePass):
         elif self.budget_bytes is not None:
             budget = {"kind": "bytes", "value": self.budget_bytes}
             choice = solve_budget(costs, nsr, self.budget_bytes * 8)
+        elif self.budget_latency is not None:
+            budget = {"kind": "latency", "value": self.budget_latency, "unit": "us", "tokens": self.latency.tokens}
+            fastest = sum(min(m) for m in micros)
+            if fastest > self.budget_latency:
+                raise LpcompileError(f"latency budget {self.budget_latency:g} us is below the fastest achievable "
+                                     f"{fastest:.1f} us at {self.latency.tokens} tokens with these candidates and pins")
+            choice = solve_budget(micros, nsr, self.budget_latency)
         else:
             budget = {"kind": "min_cosine", "value": self.min_cosine}
             choice = solve_error(costs, loss, 1.0 - self.min_cosine)
         chosen, unmeasured = [], []
-        for layer, opts, j, c_, e_, l_ in zip(layers, groups, choice, costs, nsr, loss):
+        counted = micros if self.budget_latency is not None else costs  # what the reasons compare
+        for layer, opts, j, c_, e_, l_, r_ in zip(layers, groups, choice, costs, nsr, loss, counted):
             w, a = opts[j]
             s = sens[layer.name]
             pin = self.plan.pinned_choice(layer.name) if self.plan is not None else None
@@ -436,7 +513,7 @@ class Select(ir.passes.InPlacePass):
             if not _measured(s, w, a):
                 unmeasured.append(layer.name)
             chosen.append(LayerChoice(
-                layer.name, w, a, method, self.rotation, self._reason(layer, s, opts, j, c_, e_),
+                layer.name, w, a, method, self.rotation, self._reason(layer, s, opts, j, r_, e_),
                 tuple(s["shape"]), int(c_[j]), {"nsr": e_[j], "cosine_loss": l_[j]}, pinned=pin is not None))
         bits = sum(c.bits for c in chosen)
         params = sum(c.shape[0] * c.shape[1] for c in chosen)
@@ -449,7 +526,10 @@ class Select(ir.passes.InPlacePass):
                       (c.activations.format.bits if c.activations else 32) * sens[c.name]["shape"][0]
                       for c in chosen if sens[c.name]["kind"] != "embedding"),
                   "unmeasured_pins": unmeasured}  # pinned to a format not among the candidates: counted as 0
-        return Plan(chosen, budget, totals, dict(self.plan.pins) if self.plan else {}, sens)
+        plan = Plan(chosen, budget, totals, dict(self.plan.pins) if self.plan else {}, sens)
+        if self.latency is not None:
+            plan.set_latency(self.latency, frozenset(l.name for l in layers if l.kind == "embedding"))
+        return plan
 
     def _reason(self, layer, s, opts, j, costs, errors) -> str:
         w, a = opts[j]
@@ -457,12 +537,16 @@ class Select(ir.passes.InPlacePass):
             return "pinned by the user"
         parts = []
         cheaper = [i for i in range(len(opts)) if costs[i] < costs[j]]
+        faster = "faster " if self.budget_latency is not None else ""
         if cheaper:
             i = min(cheaper, key=lambda i: errors[i])
-            ratio = errors[i] / errors[j] if errors[j] > 0 else float("inf")
-            parts.append(f"{spec_text(opts[i][0])} would add {ratio:.1f}x its output noise")
+            name = option_key(*opts[i]).replace("|", " x ") if opts[i][1] is not None else spec_text(opts[i][0])
+            if errors[j] > 0:
+                parts.append(f"{faster}{name} would add {errors[i] / errors[j]:.1f}x its output noise")
+            else:
+                parts.append(f"{faster}{name} would add output noise (this adds none)")
         else:
-            parts.append("cheapest option")
+            parts.append("fastest option" if faster else "cheapest option")
         if w is not None and w.format.name in self.emulated or a is not None and a.format.name in self.emulated:
             parts.append("emulated on this target")
         out = s.get("outliers") or {}

@@ -1,6 +1,7 @@
 """select: the solver against brute force, the cost model against the bytes Quantize writes, the
 sensitivity measurements against onnxruntime on independently quantized models, and the plan."""
 
+import dataclasses
 import itertools
 import json
 import struct
@@ -263,3 +264,98 @@ def test_numpy_activation_quantization_is_what_onnxruntime_computes(spec):
     proto.graph.output.append(onnx.ValueInfoProto(name="x_qdq"))
     got = ort_run(proto, {"x": x})[1]
     np.testing.assert_allclose(fake_quantize_activation(x, QuantSpec.parse(spec), stats), got, rtol=1e-6, atol=1e-6)
+
+
+# --- the latency budget (costs as data: what the backend measured) --------------------------------
+
+
+def _latency_table(plan, rng, drop=()):
+    """Made-up kernel microseconds for every option of every layer (faster for fewer bits, float
+    slowest), with the (layer, option key) pairs in `drop` left out (no native kernel)."""
+    from lpcompile.passes.select import LatencyCosts, option_key
+
+    per_layer = {}
+    for name, s in plan.sensitivity.items():
+        if name.startswith("@"):
+            continue
+        k, n = s["shape"]
+        table = {}
+        for w in [*s["weights"], None]:
+            for a in (None, "int8:token:sym:dynamic"):
+                ws, as_ = (QuantSpec.parse(w) if w else None), (QuantSpec.parse(a) if a else None)
+                bits = weight_bits(ws, k, n) / (k * n)
+                table[option_key(ws, as_)] = float(bits * rng.uniform(0.8, 1.2) + (-1.5 if a else 0.0) + 2.0)
+        per_layer[name] = {key: v for key, v in table.items() if (name, key) not in drop}
+    return LatencyCosts(per_layer, tokens=1, target="test")
+
+
+def _brute_latency(select, layers, sens, costs):
+    from lpcompile.passes.select import _e2e
+
+    groups = [select.options(l, sens[l.name]) for l in layers]
+    best = None
+    for choice in itertools.product(*(range(len(g)) for g in groups)):
+        picks = [g[j] for g, j in zip(groups, choice)]
+        us = sum(costs.of(l.name, w, a) for l, (w, a) in zip(layers, picks))
+        err = sum(_e2e(sens[l.name], w, a, "nsr") for l, (w, a) in zip(layers, picks))
+        if us <= select.budget_latency and (best is None or err < best):
+            best = err
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_latency_budget_is_met_by_the_exact_knapsack(selected, seed):
+    model, data, x, plan = selected
+    rng = np.random.default_rng(300 + seed)
+    costs = _latency_table(plan, rng)
+    layers = find_linear_layers(model.graph)
+    fastest = sum(min(costs.per_layer[l.name].values()) for l in layers)
+    slowest = sum(max(costs.per_layer[l.name].values()) for l in layers)
+    budget = float(rng.uniform(fastest, 0.5 * (fastest + slowest)))
+    select = Select(data, budget_latency=budget, latency=costs, activations=(None, "int8:token:sym:dynamic"))
+    got = select.solve(layers, plan.sensitivity)
+    assert got.budget == {"kind": "latency", "value": budget, "unit": "us", "tokens": 1}
+    spent = sum(c.latency_us for c in got.layers)
+    assert spent <= budget and got.totals["latency_us"] == pytest.approx(spent)
+    assert got.totals["predicted_nsr"] <= _brute_latency(select, layers, plan.sensitivity, costs) * (1 + 1e-3) + 1e-15
+    assert json.loads(json.dumps(got.to_json()))["layers"][0]["latency_us"] == got.layers[0].latency_us
+
+
+def test_latency_budget_skips_options_without_a_kernel_and_names_errors(selected):
+    from lpcompile.errors import PassError
+    from lpcompile.passes.select import option_key
+
+    model, data, x, plan = selected
+    layers = find_linear_layers(model.graph)
+    acts = (None, "int8:token:sym:dynamic")
+    w8a8 = option_key(QuantSpec.parse("int8:channel(1):sym"), QuantSpec.parse("int8:token:sym:dynamic"))
+    costs = _latency_table(plan, np.random.default_rng(0), drop={(l.name, w8a8) for l in layers})
+    generous = sum(max(t.values()) for t in costs.per_layer.values()) * 2
+    got = Select(data, budget_latency=generous, latency=costs, activations=acts).solve(layers, plan.sensitivity)
+    assert all(option_key(c.weights, c.activations) != w8a8 for c in got.layers)
+    assert all(c.latency_us is not None for c in got.layers)
+    # a pin to an option with no kernel cannot be budgeted
+    pins = {"w2": {"weights": "int8:channel(1):sym", "activations": "int8:token:sym:dynamic"}}
+    with pytest.raises(LpcompileError, match="w2: its pinned format has no native kernel"):
+        Select(data, budget_latency=generous, latency=costs, activations=acts,
+               plan=Plan([], pins=pins)).solve(layers, plan.sensitivity)
+    bare = dataclasses.replace(costs, per_layer={**costs.per_layer, "w3": {}})
+    with pytest.raises(LpcompileError, match="w3: no candidate format has a native kernel"):
+        Select(data, budget_latency=generous, latency=bare, activations=acts).solve(layers, plan.sensitivity)
+    fastest = sum(min(t.values()) for t in costs.per_layer.values())
+    with pytest.raises(LpcompileError, match=f"below the fastest achievable {fastest:.1f} us"):
+        Select(data, budget_latency=fastest * 0.9, latency=costs, activations=acts).solve(layers, plan.sensitivity)
+    with pytest.raises(LpcompileError, match="positive number of microseconds"):
+        Select(data, budget_latency=0.0)
+    with pytest.raises(LpcompileError, match="exactly one goal"):
+        Select(data, budget_latency=10.0, budget_bits=4.0)
+    with pytest.raises(PassError, match="needs the backend's kernel latencies"):
+        Select(data, budget_latency=10.0)(model)
+
+
+def test_any_goal_reports_the_latency_it_was_given(selected):
+    model, data, x, plan = selected
+    costs = _latency_table(plan, np.random.default_rng(1))
+    got = Select(data, budget_bits=6.0, latency=costs).solve(find_linear_layers(model.graph), plan.sensitivity)
+    assert got.totals["latency_us"] == pytest.approx(sum(costs.of(c.name, c.weights, c.activations) for c in got.layers))
+    assert got.totals["latency"]["layers_timed"] == 3 and got.totals["latency"]["untimed"] == []
