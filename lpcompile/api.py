@@ -6,6 +6,7 @@ import dataclasses
 import fnmatch
 import glob
 import json
+import logging
 import math
 import os
 import shutil
@@ -29,11 +30,13 @@ from lpcompile.passes.calibrate import CALIBRATION_KEY, Calibrate
 from lpcompile.passes.cleanup import Cleanup
 from lpcompile.passes.quantize import Quantize
 from lpcompile.passes.rotate import REPORT_KEY as ROTATE_KEY, Rotate
-from lpcompile.passes.select import PLAN_KEY, Plan, Select
+from lpcompile.passes.select import PLAN_KEY, LatencyCosts, Plan, Select, option_key, spec_text
 from lpcompile.recipes import Recipe, get_recipe
 from lpcompile.report import build_report, dumps, select_report, to_markdown
 
 __all__ = ["capture", "compile", "CompiledModel", "TARGETS", "EMITS"]
+
+log = logging.getLogger(__name__)
 
 TARGETS = ("llvm", "aarch64", "cuda")  # llvm = this CPU; aarch64[:CPU]; cuda[:sm_XX] (see backends.tvm.target)
 AUTO = "auto"  # --format auto: a per-layer plan from the select pass
@@ -43,6 +46,10 @@ EMULATED_FORMATS = {"llvm": frozenset({"fp8_e4m3", "fp8_e5m2"}), "aarch64": froz
                     "cuda": frozenset()}
 EMITS = ("onnx", "tvm")
 ROTATE_MODES = ("auto", "online", "fold", "off")
+# Rows a layer whose row count is symbolic (dynamic batch / sequence) is timed at for the latency
+# cost: one token, the decode step of a generative model, where weight formats matter most. An
+# encoder serving whole sentences should say how many tokens (latency_tokens / --latency-tokens).
+LATENCY_TOKENS = 1
 
 Progress = Callable[[str, int, int], None]
 
@@ -143,6 +150,8 @@ def compile(
     min_cosine: float | None = None,
     plan: Plan | str | os.PathLike | None = None,
     budget_bytes: float | None = None,
+    budget_latency: float | None = None,
+    latency_tokens: int | None = None,
 ) -> CompiledModel:
     """Quantize `model` (path, ModelProto, IR model or torch module) with the recipe `format`
     for `target`. `calibration`: see `lpcompile.calibration_data`; recipes with static
@@ -152,14 +161,24 @@ def compile(
 
     `format="auto"`: the select pass measures each layer's sensitivity on the calibration data
     and chooses per-layer formats meeting `budget` (average weight bits), `budget_bytes` (total
-    weight bytes) or `min_cosine` (mean output cosine, verified on every fourth calibration batch,
-    held out from calibration and GPTQ, and re-solved until met); `plan` (a Plan or a plan.json path) pins layers, or, without a goal,
-    is reused as it stands."""
+    weight bytes), `budget_latency` (microseconds: the sum of the linear layers' kernel latencies,
+    measured by the TVM backend on the target, once per kernel shape and cached; see
+    `backends.tvm.latency`) or `min_cosine` (mean output cosine, verified on every fourth
+    calibration batch, held out from calibration and GPTQ, and re-solved until met); `plan` (a
+    Plan or a plan.json path) pins layers, or, without a goal, is reused as it stands. Layers
+    whose row count is symbolic are timed at `latency_tokens` rows (default LATENCY_TOKENS = 1);
+    with any goal the plan reports the chosen layers' latency where the target can be timed
+    here (this CPU; a CUDA GPU if present), and none elsewhere."""
     auto = format == AUTO
-    if not auto and (budget is not None or min_cosine is not None or plan is not None or budget_bytes is not None):
-        raise LpcompileError("budget, min_cosine and plan apply to format='auto' only")
+    if not auto and any(v is not None for v in (budget, min_cosine, plan, budget_bytes, budget_latency, latency_tokens)):
+        raise LpcompileError("budget, budget_bytes, budget_latency, latency_tokens, min_cosine and plan apply to "
+                             "format='auto' only")
     if target.partition(":")[0] not in TARGETS:
         raise TargetError(f"unknown target {target!r}; choose one of: llvm, aarch64[:CPU], cuda[:sm_XX]")
+    if latency_tokens is not None and (isinstance(latency_tokens, bool) or not isinstance(latency_tokens, int)
+                                       or latency_tokens < 1):
+        raise LpcompileError(f"latency_tokens must be a whole number of tokens >= 1, got {latency_tokens!r}")
+    tokens = latency_tokens or LATENCY_TOKENS
     unknown = [e for e in emit if e not in EMITS]
     if unknown:
         raise TargetError(f"cannot emit {', '.join(unknown)} yet; available: {', '.join(EMITS)}")
@@ -167,12 +186,14 @@ def compile(
     if "tvm" in emit and recipe is not None:
         _check_target(target, recipe)  # before any work: a format the target cannot run is refused
     user_plan = Plan.load(plan) if isinstance(plan, (str, os.PathLike)) else plan
-    goals = [g for g in (budget, budget_bytes, min_cosine) if g is not None]
+    goals = [g for g in (budget, budget_bytes, min_cosine, budget_latency) if g is not None]
     if auto and (len(goals) > 1 or not goals and user_plan is None):
-        raise LpcompileError("format 'auto' needs one goal: --budget BITS, --budget-bytes B or --min-cosine C "
-                             "(or --plan FILE to reuse a plan)")
+        raise LpcompileError("format 'auto' needs one goal: --budget BITS, --budget-bytes B, --budget-latency US or "
+                             "--min-cosine C (or --plan FILE to reuse a plan)")
     if auto and goals:  # a bad goal fails now, not after calibration (Select validates on construction)
-        Select(None, budget_bits=budget, budget_bytes=budget_bytes, min_cosine=min_cosine)
+        Select(None, budget_bits=budget, budget_bytes=budget_bytes, min_cosine=min_cosine, budget_latency=budget_latency)
+    if budget_latency is not None and (reason := _why_no_latency(target)) is not None:
+        raise TargetError(f"--budget-latency needs kernel timings on target {target}, and {reason}")
     rotate = rotate or (recipe.default_rotate if recipe else "auto")
     if rotate not in ROTATE_MODES:
         raise LpcompileError(f"unknown rotate mode {rotate!r}; choose one of: {', '.join(ROTATE_MODES)}")
@@ -217,10 +238,15 @@ def compile(
         user_plan = _with_exclusions(user_plan, exclude, layers)
         _check_plan_names(user_plan, layers)
         if goals:
+            selector = Select(fit, budget_bits=budget, budget_bytes=budget_bytes, min_cosine=min_cosine,
+                              budget_latency=budget_latency, batch_size=max(batch_size, 16), plan=user_plan,
+                              **_target_formats(target), rotation=rotate, progress=progress)
+            if budget_latency is not None:
+                with stage("latency"):  # every option of every layer, timed (or found in the cache)
+                    costs = _latency_costs(layers, target, tokens, {l.name: selector.options(l, None) for l in layers},
+                                           progress)
+                selector = dataclasses.replace(selector, latency=costs)
             with stage("select"):
-                selector = Select(fit, budget_bits=budget, budget_bytes=budget_bytes, min_cosine=min_cosine,
-                                  batch_size=max(batch_size, 16), plan=user_plan, **_target_formats(target),
-                                  rotation=rotate, progress=progress)
                 selector(qdq)
                 chosen = qdq.meta[PLAN_KEY]
         else:
@@ -230,6 +256,9 @@ def compile(
                 qdq, chosen = _meet_min_cosine(qdq, reference, chosen, selector, layers, check, batch_size, progress)
             else:
                 qdq = _materialize(qdq, chosen, progress)
+        if budget_latency is None:
+            with stage("latency"):  # what the chosen formats cost, where this machine can time the target
+                _report_latency(chosen, layers, target, tokens, progress)
     else:
         with stage("quantize"):
             Quantize(recipe.weights, recipe.activations, recipe.embeddings, recipe.method, tuple(exclude),
@@ -390,6 +419,66 @@ def _meet_min_cosine(model, reference, plan, selector, layers, data, batch_size,
     plan.totals["met"] = bool(cos >= target)
     qdq.meta[PLAN_KEY] = plan
     return qdq, plan
+
+
+def _why_no_latency(target: str) -> str | None:
+    """Why kernels for `target` cannot be timed on this machine (None: they can)."""
+    from lpcompile.backends.tvm.latency import why_unmeasurable
+    from lpcompile.backends.tvm.target import resolve
+
+    return why_unmeasurable(resolve(target))
+
+
+def _linear_shape(layer, tokens: int):
+    """The layer's matmul for the latency model: its row count where the model fixes it, else
+    symbolic and timed at `tokens` rows."""
+    from lpcompile.backends.tvm.latency import LinearShape
+
+    shape = layer.activation.shape if layer.activation is not None else None
+    dims = list(shape) if shape is not None else []
+    if len(dims) >= 2 and all(isinstance(d, int) for d in dims[:-1]):
+        return LinearShape(math.prod(dims[:-1]), layer.in_features, layer.out_features, static=True)
+    return LinearShape(tokens, layer.in_features, layer.out_features)
+
+
+def _latency_costs(layers, target: str, tokens: int, options: dict[str, list], progress) -> LatencyCosts:
+    """The backend's kernel latency of each layer's `options` [(weights, activations)], as data
+    for the select pass. Embedding tables (gathers) are not timed."""
+    from lpcompile.backends.tvm.latency import REPEATS, LatencyModel
+
+    model = LatencyModel(target, progress=progress)
+    model.check()
+    shapes = {l.name: _linear_shape(l, tokens) for l in layers if l.kind != "embedding"}
+    table = model.table([(shapes[name], w, a) for name, opts in options.items() if name in shapes for w, a in opts])
+    per_layer = {}
+    for name, opts in options.items():
+        if name in shapes:
+            timed = {option_key(w, a): table[(shapes[name], spec_text(w), spec_text(a))] for w, a in opts}
+            per_layer[name] = {k: v for k, v in timed.items() if v is not None}
+    static = sorted({s.rows for s in shapes.values() if s.static})
+    note = (f"matmul kernel + input quantization per linear layer, median of {REPEATS} warm-cache repeats; "
+            f"{model.built} kernels timed now, the rest from the cache {model.path}"
+            + (f"; layers with a fixed row count timed at it ({', '.join(map(str, static))})" if static else ""))
+    return LatencyCosts(per_layer, tokens, target, note)
+
+
+def _report_latency(plan: Plan, layers, target: str, tokens: int, progress) -> None:
+    """The chosen formats' kernel latency into `plan` where `target` can be timed here; else the
+    reason, and no number."""
+    reason = _why_no_latency(target)
+    if reason is not None:
+        plan.totals["latency_us"] = None
+        plan.totals["latency"] = {"not_measured": reason}
+        return
+    chosen = {c.name: [(c.weights, c.activations)] for c in plan.layers}
+    try:
+        costs = _latency_costs([l for l in layers if l.name in chosen], target, tokens, chosen, progress)
+    except Exception as e:  # a report line must not fail the compile (the latency budget path raises)
+        log.warning("latency: not measured: %s: %s", type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else "")
+        plan.totals["latency_us"] = None
+        plan.totals["latency"] = {"not_measured": f"timing failed: {type(e).__name__}"}
+        return
+    plan.set_latency(costs, frozenset(l.name for l in layers if l.kind == "embedding"))
 
 
 def _target_formats(target: str) -> dict:

@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--format auto: average bits per weight over the linear layers, scales included (e.g. 4.5)")
     p.add_argument("--budget-bytes", type=float, metavar="BYTES",
                    help="--format auto: total bytes of the linear weights and tables, scales included")
+    p.add_argument("--budget-latency", type=float, metavar="MICROSECONDS",
+                   help="--format auto: sum of the linear layers' kernel latencies, measured on the target (this CPU, "
+                        "or a CUDA GPU present here) once per kernel shape and cached in $LPCOMPILE_CACHE "
+                        "(default ~/.cache/lpcompile)")
+    p.add_argument("--latency-tokens", type=int, metavar="M",
+                   help="--format auto: rows (tokens) at which layers with a dynamic row count are timed "
+                        "(default 1, a decode step; an encoder over sentences: their typical length)")
     p.add_argument("--min-cosine", type=float, metavar="C",
                    help="--format auto: fewest bits whose mean output cosine is >= C on calibration batches held out "
                         "from fitting (every fourth)")
@@ -122,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             rotate=args.rotate,
             budget=args.budget,
             budget_bytes=args.budget_bytes,
+            budget_latency=args.budget_latency,
+            latency_tokens=args.latency_tokens,
             min_cosine=args.min_cosine,
             plan=args.plan,
         )
@@ -146,8 +155,10 @@ def _summary(out: Path, report: dict) -> str:
                 else "error not measured (no calibration data)")
     smoke = " [smoke run on random inputs]" if (report.get("calibration") or {}).get("is_random") else ""
     sel = report.get("select")
-    auto = (f"; {sel['achieved']['avg_weight_bits']:.3f} bits/weight, goal met: {sel['achieved']['budget_met']}"
-            if sel else "")
+    latency = sel["achieved"].get("latency_us") if sel else None
+    auto = (f"; {sel['achieved']['avg_weight_bits']:.3f} bits/weight"
+            + (f", kernels {latency:.1f} us at {sel['latency']['tokens']} tokens" if latency is not None else "")
+            + f", goal met: {sel['achieved']['budget_met']}" if sel else "")
     return (f"{out}: {report['format']} for {report['target']}: {t['layers_quantized']} layers, weights "
             f"{t['weight_bytes'] / 1e6:.2f} MB ({ratio:.3f}x fp32), {measured}{auto}{smoke}")
 

@@ -282,6 +282,7 @@ def select_report(plan, report: dict, layers) -> dict:
             "exmy": exmy,
             "fp8_activation": s.get("fp8_activation"),
             "outliers": s.get("outliers"),
+            "latency_us": choice.latency_us,
         })
     planned = {c.name for c in plan.layers}
     bits += sum(32 * p for n, p in params.items() if n not in planned)
@@ -293,7 +294,11 @@ def select_report(plan, report: dict, layers) -> dict:
         "achieved": {"avg_weight_bits": achieved, "weight_bytes": bits / 8,
                      "output_sqnr_db": report["totals"]["output_sqnr_db"],
                      "output_cosine": report["totals"]["output_cosine"],
-                     "budget_met": _budget_met(plan.budget, achieved, bits / 8, report["totals"]["output_cosine"])},
+                     # the sum of the chosen layers' measured kernel latencies (None: not measured)
+                     "latency_us": plan.totals.get("latency_us"),
+                     "budget_met": _budget_met(plan.budget, achieved, bits / 8, report["totals"]["output_cosine"],
+                                               plan.totals.get("latency_us"))},
+        "latency": plan.totals.get("latency"),
         "verification": plan.totals.get("verification"),
         "exponent_vs_outliers": exponent_agreement(rows),
         "pins": plan.pins,
@@ -303,8 +308,11 @@ def select_report(plan, report: dict, layers) -> dict:
     }
 
 
-def _budget_met(budget: dict, avg_bits: float, total_bytes: float, cosine: float | None) -> bool | None:
+def _budget_met(budget: dict, avg_bits: float, total_bytes: float, cosine: float | None,
+                latency_us: float | None = None) -> bool | None:
     kind, value = budget.get("kind"), budget.get("value")
+    if kind == "latency":
+        return latency_us is not None and latency_us <= value
     if kind == "bits":
         return avg_bits <= value + 1e-9
     if kind == "bytes":
@@ -359,7 +367,9 @@ def select_markdown(sel: dict) -> list[str]:
 
     b, p, a = sel["budget"], sel["predicted"], sel["achieved"]
     goal = {"bits": f"average weight bits <= {b.get('value')}", "bytes": f"weight bytes <= {b.get('value')}",
-            "min_cosine": f"mean output cosine >= {b.get('value')}"}.get(b.get("kind"), "reused plan")
+            "min_cosine": f"mean output cosine >= {b.get('value')}",
+            "latency": f"linear kernels' latency <= {b.get('value')} us at {b.get('tokens')} tokens"}.get(
+                b.get("kind"), "reused plan")
     lines = [
         "", "## Format selection (--format auto)", "",
         f"- goal: {goal}; met: {a['budget_met']}",
@@ -368,6 +378,14 @@ def select_markdown(sel: dict) -> list[str]:
         f"- predicted by the sensitivity model: {_fmt(p.get('avg_weight_bits'), 4)} bits, SQNR "
         f"{_fmt(p.get('predicted_sqnr_db'))} dB, cosine {_fmt(p.get('predicted_cosine'), 5)}",
     ]
+    lat = sel.get("latency") or {}
+    if a.get("latency_us") is not None:
+        lines.append(f"- kernel latency (measured on {lat.get('target')}, {lat.get('tokens')} tokens): "
+                     f"{a['latency_us']:.1f} us over {lat.get('layers_timed')} linear layers"
+                     + (f"; not timed (no native kernel): {', '.join(lat['untimed'])}" if lat.get("untimed") else "")
+                     + (f" ({lat['note']})" if lat.get("note") else ""))
+    elif lat.get("not_measured"):
+        lines.append(f"- kernel latency: not measured ({lat['not_measured']})")
     secs = sel.get("measurement_seconds")
     if sel.get("sensitivity_cached"):
         lines.append("- sensitivity: reused from the plan given (same model, calibration and settings)")
@@ -394,9 +412,9 @@ def select_markdown(sel: dict) -> list[str]:
         "with only that layer's weights quantized (scale below the map, dB; grey: not a candidate for the layer); "
         "the chosen format is boxed. Right: layer-local SQNR of the layer's input in E2M5, E3M4, E4M3, E5M2 "
         "(columns = exponent bits), the best boxed.", "",
-        "| # | layer | chosen weights | bits/w | e2e SQNR dB per weight format | input: max/median, kurtosis | "
+        "| # | layer | chosen weights | bits/w | kernel us | e2e SQNR dB per weight format | input: max/median, kurtosis | "
         "best ExMy (input / weights) | deployable FP8, gap dB | reason |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(sel["layers"]):
         e2e = ", ".join(f"{k.split(':')[0]}{'/' + k.split(':')[1] if 'block' in k else ''} {v:.1f}"
@@ -406,7 +424,7 @@ def select_markdown(sel: dict) -> list[str]:
         ab, wb = ex.get("activations_best") or {}, ex.get("weights_best") or {}
         lines.append(
             f"| {i} | {r['name']} | {r['weights']}{'' if r['activations'] == 'float' else ' + A ' + r['activations']} | "
-            f"{r['bits_per_weight']:.3f} | {e2e} | "
+            f"{r['bits_per_weight']:.3f} | {_fmt(r.get('latency_us'), 1)} | {e2e} | "
             + (f"{out['max_to_median']:.1f}, {out['kurtosis']:.1f}" if out else "-") + " | "
             + (f"{ab.get('exmy', '-')} / {wb.get('exmy', '-')}" if ab else "-") + " | "
             + (f"{ab['deployable']} ({ab['gap_db']:.1f})" if ab else "-") + f" | {r['reason']} |")

@@ -129,9 +129,25 @@ def test_auto_writes_a_plan_that_meets_the_budget_and_can_be_reused(model_file, 
     (["--format", "auto", "--min-cosine", "1.5"], "must lie in (0, 1)"),
     (["--format", "auto", "--plan", "missing.json"], "plan file not found"),
     (["--format", "auto", "--budget", "4.5"], "needs calibration data"),
+    (["--format", "auto", "--budget-latency", "0"], "positive number of microseconds"),
+    (["--format", "auto", "--budget-latency", "100", "--budget-bytes", "1e6"], "needs one goal"),
+    (["--format", "auto", "--budget-latency", "100", "--target", "aarch64"], "needs kernel timings on target aarch64"),
+    (["--format", "auto", "--budget-latency", "100", "--latency-tokens", "0"], "latency_tokens must be"),
+    (["--format", "w4a8", "--budget-latency", "100"], "apply to format='auto' only"),
 ])
 def test_auto_bad_input_is_one_line_and_exit_2(model_file, tmp_path, args, message):
     r = lpcompile(model_file, *args, "-o", tmp_path / "x.lpc", cwd=tmp_path)
     assert r.returncode == 2
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.lpc").exists()
+
+
+def test_auto_latency_budget_from_the_command_line(model_file, tmp_path):
+    out = tmp_path / "lat.lpc"
+    r = lpcompile(model_file, "--format", "auto", "--budget-latency", "1e6", "--latency-tokens", "4", "--calibration",
+                  tmp_path / "calib.npz", "--rotate", "off", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "latency: timing kernels:" in r.stderr and "us at 4 tokens, goal met: True" in r.stdout
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["budget"] == {"kind": "latency", "value": 1e6, "unit": "us", "tokens": 4}
+    assert all(l["latency_us"] > 0 for l in plan["layers"])

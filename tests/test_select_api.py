@@ -7,7 +7,7 @@ import onnx_ir as ir
 import pytest
 
 import lpcompile
-from lpcompile.errors import LpcompileError
+from lpcompile.errors import LpcompileError, TargetError
 from tests.conftest import mlp_model, ort_run, sqnr_db
 
 
@@ -97,3 +97,79 @@ def test_min_cosine_needs_a_batch_to_verify_on():
     calib, _ = _data(0, n=8)
     with pytest.raises(LpcompileError, match="too few"):
         lpcompile.compile(mlp_model(), format="auto", min_cosine=0.99, calibration=calib, rotate="off")
+
+
+# --- --budget-latency ------------------------------------------------------------------------------
+
+
+def _uniform_latency(weights, tokens):
+    """Sum of the mlp's linear kernels, all in `weights` (None: float), as the backend times them."""
+    from lpcompile.backends.tvm.latency import LatencyModel, LinearShape
+    from lpcompile.formats import QuantSpec
+    from lpcompile.ir.patterns import find_linear_layers
+
+    model = LatencyModel("llvm")
+    spec = QuantSpec.parse(weights) if weights else None
+    return sum(model.layer_us(LinearShape(tokens, l.in_features, l.out_features), spec, None)
+               for l in find_linear_layers(mlp_model().graph))
+
+
+def test_latency_budget_is_met_recorded_in_the_plan_and_measured_once(tmp_path, monkeypatch):
+    from lpcompile.backends.tvm.latency import LatencyModel
+
+    monkeypatch.setenv("LPCOMPILE_CACHE", str(tmp_path / "cache"))
+    calib, _ = _data(0, n=32)
+    tokens = 16
+    fast, slow = _uniform_latency("int4:block(0,128):sym", tokens), _uniform_latency(None, tokens)
+    assert fast < slow  # (at 16 tokens the float matmuls are several times slower here)
+    budget = 0.5 * (fast + slow)
+    art = lpcompile.compile(mlp_model(), format="auto", budget_latency=budget, latency_tokens=tokens,
+                            calibration=calib, rotate="off")
+    sel = art.report["select"]
+    assert sel["budget"] == {"kind": "latency", "value": budget, "unit": "us", "tokens": tokens}
+    assert sel["achieved"]["latency_us"] <= budget and sel["achieved"]["budget_met"]
+    assert sel["latency"]["layers_timed"] == 3 and sel["latency"]["tokens"] == tokens
+    art.save(tmp_path / "out")
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert sum(l["latency_us"] for l in plan["layers"]) == pytest.approx(sel["achieved"]["latency_us"])
+    assert "kernel latency (measured on llvm, 16 tokens)" in (tmp_path / "out" / "report.md").read_text()
+
+    def no_build(self, kernel):
+        raise AssertionError(f"measured again: {kernel.signature}")
+
+    monkeypatch.setattr(LatencyModel, "_measure", no_build)
+    again = lpcompile.compile(mlp_model(), format="auto", budget_latency=budget, latency_tokens=tokens,
+                              calibration=calib, rotate="off", plan=art.plan)
+    assert [c.to_json() for c in again.plan.layers] == [c.to_json() for c in art.plan.layers]
+
+
+def test_other_goals_report_the_latency_of_what_they_chose():
+    calib, _ = _data(0, n=32)
+    art = lpcompile.compile(mlp_model(), format="auto", budget=6.0, calibration=calib, rotate="off")
+    sel = art.report["select"]
+    assert sel["achieved"]["latency_us"] == pytest.approx(sum(r["latency_us"] for r in sel["layers"]))
+    assert sel["latency"]["tokens"] == 1 and sel["achieved"]["latency_us"] > 0
+
+
+@pytest.mark.skipif(__import__("tvm").cuda(0).exist, reason="a CUDA GPU is present: its latency can be measured")
+def test_latency_is_absent_where_the_target_cannot_be_timed_here():
+    calib, _ = _data(0, n=32)
+    art = lpcompile.compile(mlp_model(), target="cuda:sm_90", format="auto", budget=6.0, calibration=calib,
+                            rotate="off")
+    sel = art.report["select"]
+    assert sel["achieved"]["latency_us"] is None and "no CUDA GPU" in sel["latency"]["not_measured"]
+    assert all(r["latency_us"] is None for r in sel["layers"])
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"budget_latency": 100.0, "budget": 4.5}, LpcompileError, "needs one goal"),
+    ({"budget_latency": -1.0}, LpcompileError, "positive number of microseconds"),
+    ({"budget_latency": float("nan")}, LpcompileError, "positive number of microseconds"),
+    ({"budget_latency": 100.0, "latency_tokens": 0}, LpcompileError, "latency_tokens must be"),
+    ({"budget_latency": 100.0, "format": "int4"}, LpcompileError, "apply to format='auto' only"),
+    ({"budget_latency": 100.0, "target": "aarch64"}, TargetError, "cross-compiled"),
+])
+def test_latency_budget_errors_come_before_any_work(kwargs, error, message):
+    kwargs = {"format": "auto", **kwargs}
+    with pytest.raises(error, match=message):  # (no calibration data: refused before it is asked for)
+        lpcompile.compile(mlp_model(), rotate="off", **kwargs)
