@@ -30,7 +30,9 @@ from lpcompile.passes.calibrate import CALIBRATION_KEY, Calibrate
 from lpcompile.passes.cleanup import Cleanup
 from lpcompile.passes.quantize import Quantize
 from lpcompile.passes.rotate import REPORT_KEY as ROTATE_KEY, Rotate
-from lpcompile.passes.select import PLAN_KEY, LatencyCosts, Plan, Select, option_key, spec_text
+from lpcompile.passes.select import (
+    ACTIVATION_CANDIDATES, PLAN_KEY, LatencyCosts, Plan, Select, option_key, spec_text,
+)
 from lpcompile.recipes import Recipe, get_recipe
 from lpcompile.report import build_report, dumps, select_report, to_markdown
 
@@ -167,6 +169,8 @@ def compile(
     calibration batch, held out from calibration and GPTQ, and re-solved until met); `plan` (a
     Plan or a plan.json path) pins layers, or, without a goal, is reused as it stands. Layers
     whose row count is symbolic are timed at `latency_tokens` rows (default LATENCY_TOKENS = 1);
+    under a latency budget quantized inputs (select's ACTIVATION_CANDIDATES: W4A8, W8A8, FP8
+    pairs where a kernel takes them) are candidates too, as they buy faster kernels;
     with any goal the plan reports the chosen layers' latency where the target can be timed
     here (this CPU; a CUDA GPU if present), and none elsewhere."""
     auto = format == AUTO
@@ -238,9 +242,12 @@ def compile(
         user_plan = _with_exclusions(user_plan, exclude, layers)
         _check_plan_names(user_plan, layers)
         if goals:
+            # Quantized inputs cost no weight bits, only error; against a latency budget they buy
+            # the integer / fp8 kernels, so there they are candidates (where a kernel takes them).
+            activations = (None, *ACTIVATION_CANDIDATES) if budget_latency is not None else (None,)
             selector = Select(fit, budget_bits=budget, budget_bytes=budget_bytes, min_cosine=min_cosine,
                               budget_latency=budget_latency, batch_size=max(batch_size, 16), plan=user_plan,
-                              **_target_formats(target), rotation=rotate, progress=progress)
+                              activations=activations, **_target_formats(target), rotation=rotate, progress=progress)
             if budget_latency is not None:
                 with stage("latency"):  # every option of every layer, timed (or found in the cache)
                     costs = _latency_costs(layers, target, tokens, {l.name: selector.options(l, None) for l in layers},

@@ -433,7 +433,8 @@ class Select(ir.passes.InPlacePass):
         return {"layers": [[l.name, l.in_features, l.out_features] for l in layers], "rotation": self.rotation,
                 "calibration": calibration.source, "samples": self.samples, "rows": self.rows,
                 "method": self.method, "weights": list(self.weights), "embeddings": list(self.embeddings),
-                "activations": list(self.analysis_activations) + [str(a) for a in self.activations if a is not None]}
+                "activations": list(self.analysis_activations) + [
+                    str(a) for a in self.activations if a is not None and str(a) not in self.analysis_activations]}
 
     # --- solving -------------------------------------------------------------------------------
 
