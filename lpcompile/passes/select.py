@@ -246,17 +246,16 @@ class Plan:
 def solve_budget(costs: Sequence[Sequence[float]], errors: Sequence[Sequence[float]], budget: float,
                  resolution: int = 4096) -> list[int]:
     """One option per group minimising Σ error subject to Σ cost <= budget (multiple-choice
-    knapsack, exact DP over costs rounded up to `budget / resolution`; with integer costs and
-    resolution == budget it is exact). Raises `LpcompileError` when even the cheapest options
-    exceed the budget."""
+    knapsack, exact DP over what each option costs beyond its group's cheapest, rounded up to
+    `budget / resolution`; with integer costs and resolution == budget it is exact). The cheapest
+    plan is always feasible however the extras round: a budget of exactly the cheapest sum gets
+    it. Raises `LpcompileError` when even the cheapest options exceed the budget."""
     cheapest = sum(min(c) for c in costs)
     if cheapest > budget * (1 + 1e-12):
         raise LpcompileError(f"budget {budget:g} is below the smallest achievable {cheapest:g}")
     unit = budget / resolution if budget > 0 else 1.0
-    units = [np.ceil(np.asarray(c, np.float64) / unit - 1e-9).astype(np.int64) for c in costs]
-    cap = resolution if budget > 0 else 0
-    if sum(int(u.min()) for u in units) > cap:  # rounding up made the instance infeasible
-        return solve_budget(costs, errors, budget, resolution * 4)
+    cap = int(math.floor(max(budget - cheapest, 0.0) / unit + 1e-9))  # the slack, in units
+    units = [np.ceil((np.asarray(c, np.float64) - min(c)) / unit - 1e-9).astype(np.int64) for c in costs]
     best = np.zeros(cap + 1)  # best[r]: least error of the groups so far with total units <= r
     picks = []
     for u, e in zip(units, errors):

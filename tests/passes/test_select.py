@@ -87,6 +87,18 @@ def test_error_solver_finds_the_cheapest_plan_under_an_error_target(seed):
     assert cost == best_cost  # integer costs, fine resolution: exact
 
 
+def test_a_budget_of_exactly_the_cheapest_real_valued_plan_gets_it():
+    """(Real costs whose cheapest options sum to the budget: rounding each up used to make the
+    instance infeasible at every resolution, MiniLM's latency budget equal to uniform W8A8.)"""
+    rng = np.random.default_rng(7)
+    costs = [sorted(rng.uniform(1, 20, 4).tolist()) for _ in range(33)]
+    errors = [sorted(rng.uniform(0, 1, 4).tolist(), reverse=True) for _ in range(33)]
+    assert solve_budget(costs, errors, sum(c[0] for c in costs)) == [0] * 33
+    one_more = sum(c[0] for c in costs) + (costs[5][1] - costs[5][0])
+    more = solve_budget(costs, errors, one_more)
+    assert sum(c[j] for c, j in zip(costs, more)) <= one_more and more != [0] * 33
+
+
 def test_infeasible_goals_are_named_errors():
     with pytest.raises(LpcompileError, match="below the smallest achievable"):
         solve_budget([[4, 8], [4, 8]], [[1, 0], [1, 0]], 7)
