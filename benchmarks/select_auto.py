@@ -291,8 +291,11 @@ def main(argv=None) -> int:
         if "bits" in parts:
             results["models"][name] = run_model(name, path, calib, ev, work)
         if "latency" in parts:
+            load = os.getloadavg()[0]
             latency["models"][name] = run_latency(name, path, calib, ev, args.latency_tokens,
                                                   work / "whole" if args.whole_model else None)
+            # (the host is shared: a 1-minute load above this run's own 2 threads means contended timings)
+            latency["models"][name]["load_average_1min"] = {"start": load, "end": os.getloadavg()[0]}
     for out, res, md in ((args.out, results, markdown), (args.latency_out, latency, latency_markdown)):
         if res["models"]:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
