@@ -135,7 +135,6 @@ def kernels_for(target: tvm.target.Target, shape: LinearShape, weights: QuantSpe
         return "asymmetric weights have no kernel (they run in float)"
     g = weights.granularity
     block = g.size if isinstance(g, PerBlock) and g.size < k else None
-    k_pad = -(-k // block) * block if block else k
     act, quantize = None, []
     if activations is not None:
         fmt = activations.format.name
@@ -147,7 +146,7 @@ def kernels_for(target: tvm.target.Target, shape: LinearShape, weights: QuantSpe
             quantize = [Kernel("quantize_tensor", rows, False, k, activation=act[0])]
         else:
             return f"no kernel takes {activations} inputs"
-    native, dot4 = kernel_choice(target, act, kind, k_pad)
+    native, dot4 = kernel_choice(target, act, kind, k, n, block or k)
     if act is not None and not native:
         return f"no kernel multiplies {act[1]}-scaled {act[0]} inputs by {kind} weights"
     one_row = static and rows == 1
