@@ -31,7 +31,9 @@ to any of them re-measures) and the kernel's signature. Written atomically, merg
 so concurrent compilers share it.
 
 Targets whose code cannot run here (aarch64 cross-compiled on another machine, CUDA without a
-GPU): `why_unmeasurable` says so; nothing is estimated in their place.
+GPU): `why_unmeasurable` says so; nothing is estimated in their place. With a GPU present, CUDA
+kernels are built through TVM's own path (`Executable.jit`, NVRTC), not the nvcc-built binaries
+an artifact ships; that path has not run yet (the GPU machines here carry TVM's runtime only).
 """
 
 from __future__ import annotations
