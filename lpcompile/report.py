@@ -224,10 +224,20 @@ def _rotation_section(rot: dict | None) -> list[str]:
 
 def _rotation_line(rot: dict | None) -> str:
     if not rot or rot.get("mode") == "off":
-        return "- rotation: off"
+        return "- rotation: off" + _rotation_choice(rot)
     counters = rot.get("counters") or {}
     done = ", ".join(f"{k} {v}" for k, v in counters.items()) or "nothing rotated"
-    return f"- rotation ({rot['mode']}): {done} (details: report.json `rotate`)"
+    return f"- rotation ({rot['mode']}): {done} (details: report.json `rotate`)" + _rotation_choice(rot)
+
+
+def _rotation_choice(rot: dict | None) -> str:
+    """format=auto measures the model with and without rotation and keeps the better one."""
+    tried = (rot or {}).get("chosen_from")
+    if not tried:
+        return ""
+    parts = "; ".join(f"{m}: SQNR {_fmt(v['output_sqnr_db'])} dB at {_fmt(v['avg_weight_bits'], 2)} bits, goal met "
+                      f"{v['goal_met']}" for m, v in tried.items())
+    return f" — chosen after measuring both ({parts})"
 
 
 def _names(names: list, shown: int = 3) -> str:

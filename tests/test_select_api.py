@@ -8,6 +8,7 @@ import pytest
 
 import lpcompile
 from lpcompile.errors import LpcompileError, TargetError
+from lpcompile.report import to_markdown
 from tests.conftest import mlp_model, ort_run, sqnr_db
 
 
@@ -48,6 +49,21 @@ def test_auto_spends_its_budget_where_it_pays_on_held_out_data():
     got_uniform = sqnr_db(ref, ort_run(uniform.qdq_model, {"x": held_out})[0])
     got_auto = sqnr_db(ref, ort_run(auto.qdq_model, {"x": held_out})[0])
     assert got_auto > got_uniform + 3.0
+    assert "chosen_from" not in auto.report["rotate"]  # a rotate mode given: nothing else tried
+
+
+def test_auto_without_a_rotate_mode_measures_both_bases_and_keeps_the_better():
+    calib, _ = _data(0, n=32)
+    art = lpcompile.compile(_uneven_mlp(), format="auto", budget=4.6, calibration=calib)
+    tried = art.report["rotate"]["chosen_from"]
+    assert set(tried) == {"auto", "off"}
+    chosen = art.report["select"]["rotation_chosen"]
+    other = ({"auto", "off"} - {chosen}).pop()
+    assert art.report["rotate"]["mode"] == chosen
+    assert tried[chosen]["goal_met"] and tried[chosen]["avg_weight_bits"] <= 4.6
+    assert tried[chosen]["output_sqnr_db"] >= tried[other]["output_sqnr_db"] or not tried[other]["goal_met"]
+    assert art.report["totals"]["output_sqnr_db"] == tried[chosen]["output_sqnr_db"]  # the model returned is that one
+    assert "chosen after measuring both" in to_markdown(art.report)
 
 
 def test_min_cosine_is_met_on_held_out_calibration_batches_and_verified(tmp_path):
