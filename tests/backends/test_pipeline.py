@@ -1,0 +1,48 @@
+"""lpcompile's CPU relax pipeline (`backends/tvm/pipeline.py`) on float ops it schedules itself."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+
+import tvm  # noqa: E402
+from tvm import relax  # noqa: E402
+
+from lpcompile.backends.tvm import pipeline  # noqa: E402
+from lpcompile.backends.tvm.target import host_target  # noqa: E402
+
+
+def _matmul_module(m, k: int, n: int) -> tvm.IRModule:
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([m, k], "float32"))
+    w = relax.Var("w", relax.TensorType([k, n], "float32"))
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.matmul(x, w))
+        bb.emit_func_output(y)
+    return bb.get()
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1024, 1024), (1, 384, 1536), (1, 100, 48), (1, 64, 40), (3, 64, 64),
+                                   (None, 384, 1536)])
+def test_float_matmul_matches_numpy(m, k, n):
+    """Static single rows take the GEMV path (vectors of outputs in parallel, each down k, summed
+    in registers); other shapes the matmul path; all must equal numpy's product to fp32 rounding."""
+    rows = 2 if m is None else m
+    mod = _matmul_module(tvm.tirx.Var("m", "int64") if m is None else m, k, n)
+    vm = relax.VirtualMachine(pipeline.build(mod, host_target()), tvm.cpu())
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((rows, k)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32)
+    got = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w)).numpy()
+    ref = x.astype(np.float64) @ w
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() * np.sqrt(k)
+
+
+def test_static_single_row_matmul_is_parallel_and_vectorized():
+    """One output row: its unit loop is dropped, and the matmul rule (parallel over rows) would
+    leave one thread walking W a column at a time; the GEMV path splits the outputs instead."""
+    mod = relax.transform.LegalizeOps()(_matmul_module(1, 1024, 1024))
+    (gv, func), = [(g, f) for g, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    sch = pipeline.CpuFallback().apply(func, host_target(), False)
+    text = sch.mod["main"].script()
+    assert "T.parallel" in text and "T.vectorized" in text and '"local"' in text
