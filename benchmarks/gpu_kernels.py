@@ -49,6 +49,13 @@ KERNELS = {
 }
 
 
+# One row, weights streamed from HBM: K = N = COLD_DIM, rotated over copies that together exceed
+# the L2 several times, so every call reads its weights from memory.
+COLD_DIM = 8192
+COLD_KERNELS = ("u8s8", "e4m3", "f32_int4_b128")
+COLD_BYTES = 512 << 20  # all copies of one kernel's weights together
+
+
 # --- build (compiler machine) ---------------------------------------------------------------------
 
 
@@ -136,7 +143,10 @@ def build(out: Path, arch: str) -> None:
     funcs, meta, cases = {}, {"arch": arch, "kernels": {}, "cases": []}, {}
     rng = np.random.default_rng(0)
     for name, spec in KERNELS.items():
-        for tag, (k, n) in (("check", (K_CHECK, N_CHECK)), ("bench", (K_BENCH, N_BENCH))):
+        shapes = [("check", (K_CHECK, N_CHECK)), ("bench", (K_BENCH, N_BENCH))]
+        if name in COLD_KERNELS:
+            shapes.append(("cold", (COLD_DIM, COLD_DIM)))
+        for tag, (k, n) in shapes:
             fname = f"{name}_{tag}"
             func = _definition(spec, k, n)
             funcs[fname] = _scheduled(spec, func, target).with_attr("global_symbol", fname)
@@ -230,6 +240,58 @@ def _torch_baselines(m: int, k: int, n: int, reps: int) -> dict:
     return out
 
 
+def _cold(tvm, lib, meta, dev, rng) -> dict:
+    """One row at K = N = COLD_DIM with the weights rotated over copies (COLD_BYTES together, many
+    times the L2): microseconds per call (CUDA events around 64 back-to-back calls) and the
+    weight bytes per second that makes, against torch fp16 (same rotation) and a device copy."""
+    import torch
+
+    def per_call_us(calls) -> float:
+        for c in calls[:4]:
+            c()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(5):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            for i in range(64):
+                calls[i % len(calls)]()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e) * 1e3 / 64)
+        return float(np.median(times))
+
+    out = {"k": COLD_DIM, "n": COLD_DIM, "rows": 1, "kernels": {}}
+    for name in COLD_KERNELS:
+        fname = f"{name}_cold"
+        params = meta["kernels"][fname]["params"]
+        one = _random_args(tvm, params, 1, dev, rng)
+        w_index = [p[0] for p in params].index("w")
+        w = one[w_index]
+        w_bytes = int(np.prod(w.shape)) * (4 if str(w.dtype) in ("uint32", "int32", "float32") else 1)
+        copies = max(2, COLD_BYTES // w_bytes)
+        weights = [w] + [w.copyto(tvm.runtime.empty(w.shape, w.dtype, dev)) for _ in range(copies - 1)]
+        f = lib[fname]
+        calls = [(lambda w=w: f(*one[:w_index], w, *one[w_index + 1:])) for w in weights]
+        us = per_call_us(calls)
+        out["kernels"][f"lpc_{name}"] = {"us": us, "weight_bytes": w_bytes, "copies": copies,
+                                         "weight_GB_per_s": w_bytes / (us * 1e-6) / 1e9}
+    a = torch.randn(1, COLD_DIM, device="cuda", dtype=torch.float16)
+    w16 = [torch.randn(COLD_DIM, COLD_DIM, device="cuda", dtype=torch.float16) for _ in range(max(2, COLD_BYTES // (2 * COLD_DIM ** 2)))]
+    us = per_call_us([(lambda w=w: a @ w) for w in w16])
+    out["kernels"]["torch_fp16"] = {"us": us, "weight_bytes": 2 * COLD_DIM ** 2, "copies": len(w16),
+                                    "weight_GB_per_s": 2 * COLD_DIM ** 2 / (us * 1e-6) / 1e9}
+    src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_us = per_call_us([lambda: dst.copy_(src)])
+    out["device_copy_GB_per_s"] = 2 * src.numel() / (copy_us * 1e-6) / 1e9  # read + write
+    del w16, src, dst
+    print("cold, 1 row, K = N = %d: " % COLD_DIM + "  ".join(
+        f"{k}={v['us']:.1f} us ({v['weight_GB_per_s']:.0f} GB/s)" for k, v in out["kernels"].items())
+        + f"  device copy {out['device_copy_GB_per_s']:.0f} GB/s")
+    return out
+
+
 def run(out: Path, result_path: Path, reps: int) -> int:
     import tvm
 
@@ -284,8 +346,10 @@ def run(out: Path, result_path: Path, reps: int) -> int:
         print(f"m={m:<5} " + "  ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}=n/a" for k, v in row["us"].items()))
     import torch
 
+    cold = _cold(tvm, lib, meta, dev, rng) if meta["arch"] != "llvm" else None
     result = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "arch": meta["arch"], "checks": checks, "failures": failures,
-              "bench_us_median": bench, "reps": reps, "unit": "microseconds per GEMM (CUDA-event or time_evaluator median)"}
+              "bench_us_median": bench, "reps": reps, "unit": "microseconds per GEMM (CUDA-event or time_evaluator median)",
+              "cold_one_row": cold}
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(result, indent=1))
     if failed:
