@@ -158,7 +158,9 @@ def _summary(out: Path, report: dict) -> str:
     latency = sel["achieved"].get("latency_us") if sel else None
     auto = (f"; {sel['achieved']['avg_weight_bits']:.3f} bits/weight"
             + (f", kernels {latency:.1f} us at {sel['latency']['tokens']} tokens" if latency is not None else "")
-            + f", goal met: {sel['achieved']['budget_met']}" if sel else "")
+            + f", goal met: {sel['achieved']['budget_met']}"
+            + (f", rotation {sel['rotation_chosen']} (better of auto/off)" if sel.get("rotation_chosen") else "")
+            if sel else "")
     return (f"{out}: {report['format']} for {report['target']}: {t['layers_quantized']} layers, weights "
             f"{t['weight_bytes'] / 1e6:.2f} MB ({ratio:.3f}x fp32), {measured}{auto}{smoke}")
 

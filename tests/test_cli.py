@@ -97,6 +97,7 @@ def test_auto_writes_a_plan_that_meets_the_budget_and_can_be_reused(model_file, 
     assert r.returncode == 0, r.stderr
     assert {"plan.json", "select.png", "report.md"} <= {p.name for p in out.iterdir()}
     assert "select: end-to-end:" in r.stderr and "goal met: True" in r.stdout
+    assert "better of auto/off" not in r.stdout  # --rotate given: one basis only
     report = json.loads((out / "report.json").read_text())
     sel = report["select"]
     assert sel["budget"] == {"kind": "bits", "value": 6.0}
@@ -140,6 +141,16 @@ def test_auto_bad_input_is_one_line_and_exit_2(model_file, tmp_path, args, messa
     assert r.returncode == 2
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.lpc").exists()
+
+
+def test_auto_without_rotate_says_which_basis_it_kept(model_file, tmp_path):
+    r = lpcompile(model_file, "--format", "auto", "--budget", "6", "--calibration", tmp_path / "calib.npz",
+                  "-o", tmp_path / "rot.lpc")
+    assert r.returncode == 0, r.stderr
+    assert "(better of auto/off)" in r.stdout and "goal met: True" in r.stdout
+    report = json.loads((tmp_path / "rot.lpc" / "report.json").read_text())
+    assert set(report["rotate"]["chosen_from"]) == {"auto", "off"}
+    assert report["rotate"]["mode"] == report["select"]["rotation_chosen"]
 
 
 def test_auto_latency_budget_from_the_command_line(model_file, tmp_path):
