@@ -18,13 +18,14 @@ against torch on the same GPU: `torch._int_mm` (cuBLAS int8), fp16 matmul, and `
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from gpu_common import target_for, two_step_parser  # a sibling script: benchmarks/ is on sys.path
 
 K_CHECK, N_CHECK = 256, 128
 ROWS_CHECK = (1, 5, 37, 70, 200)
@@ -134,12 +135,9 @@ def build(out: Path, arch: str) -> None:
     import tvm
 
     from lpcompile.backends.tvm.export import _cuda_binaries
-    from lpcompile.backends.tvm.target import cuda_target
-
-    from lpcompile.backends.tvm.target import host_target
 
     out.mkdir(parents=True, exist_ok=True)
-    target = host_target() if arch == "llvm" else cuda_target(arch)
+    target = target_for(arch)
     funcs, meta, cases = {}, {"arch": arch, "kernels": {}, "cases": []}, {}
     rng = np.random.default_rng(0)
     for name, spec in KERNELS.items():
@@ -359,14 +357,7 @@ def run(out: Path, result_path: Path, reps: int) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build")
-    b.add_argument("dir")
-    b.add_argument("--arch", default="sm_90", help="a CUDA arch, or llvm to check the cases on this CPU")
-    r = sub.add_parser("run")
-    r.add_argument("dir")
-    r.add_argument("-o", "--output", default="benchmarks/results/gpu_kernels.json")
+    p, _, r = two_step_parser(__doc__, "benchmarks/results/gpu_kernels.json")
     r.add_argument("--reps", type=int, default=10)
     args = p.parse_args(argv)
     if args.cmd == "build":

@@ -25,7 +25,6 @@ against the float model's); MiniLM has no torch baseline there (its weights are 
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -34,6 +33,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from gpu_common import two_step_parser  # a sibling script: benchmarks/ is on sys.path
 
 ALL = ("int4", "w8a16", "int8", "w4a8", "w4a4", "fp8", "fp8-e5m2")
 WEIGHT_ONLY = ("int4", "w8a16")
@@ -211,16 +212,9 @@ def run(out: Path, result_path: Path) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build")
-    b.add_argument("dir")
-    b.add_argument("--arch", default="sm_90")
+    p, b, _ = two_step_parser(__doc__, "benchmarks/results/gpu_models.json")
     b.add_argument("--work", default="build/gpu_models")
     b.add_argument("--minilm", help="an exported all-MiniLM-L6-v2 (python -m models.export minilm F), with its sidecars")
-    r = sub.add_parser("run")
-    r.add_argument("dir")
-    r.add_argument("-o", "--output", default="benchmarks/results/gpu_models.json")
     args = p.parse_args(argv)
     if args.cmd == "build":
         build(Path(args.dir), args.arch, Path(args.work), Path(args.minilm) if args.minilm else None)

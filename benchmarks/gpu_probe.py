@@ -13,12 +13,13 @@ first tensors that disagree, with the op that produced them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from gpu_common import target_for, two_step_parser  # a sibling script: benchmarks/ is on sys.path
 
 SKIP_OPS = {"QuantizeLinear", "DequantizeLinear", "Constant", "Shape", "ConstantOfShape", "Range", "Identity"}
 
@@ -28,7 +29,6 @@ def build(out: Path, artifacts: list[Path], arch: str, max_outputs: int, inputs:
     import onnxruntime as ort
 
     from lpcompile.backends.tvm.export import export_artifact
-    from lpcompile.backends.tvm.target import cuda_target, host_target
 
     out.mkdir(parents=True, exist_ok=True)
     meta = {"arch": arch, "probes": []}
@@ -64,7 +64,7 @@ def build(out: Path, artifacts: list[Path], arch: str, max_outputs: int, inputs:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         refs = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)
-        manifest = export_artifact(model, host_target() if arch == "llvm" else cuda_target(arch), d)
+        manifest = export_artifact(model, target_for(arch), d)
         np.savez_compressed(d / "refs.npz", **{f"out{i}": r for i, r in enumerate(refs)}, **{f"in/{k}": v for k, v in feeds.items()})
         meta["probes"].append({"name": name, "outputs": names, "ops": [ops.get(n, "graph output") for n in names],
                                "artifact": str(art), "params_bytes": manifest["params_bytes"]})
@@ -105,15 +105,9 @@ def run(out: Path, shown: int) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build")
-    b.add_argument("dir")
+    p, b, r = two_step_parser(__doc__)
     b.add_argument("artifacts", nargs="+", help="ART:INPUTS.npz pairs")
-    b.add_argument("--arch", default="sm_90")
     b.add_argument("--max-outputs", type=int, default=160)
-    r = sub.add_parser("run")
-    r.add_argument("dir")
     r.add_argument("--shown", type=int, default=12)
     args = p.parse_args(argv)
     if args.cmd == "build":

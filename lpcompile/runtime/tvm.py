@@ -65,12 +65,10 @@ def _ensure_cuda_runtime() -> None:
 
     if tvm_ffi.get_global_func("device_api.cuda", allow_missing=True) is not None:
         return
-    from pathlib import Path as _Path
-
     from tvm.base import _LOADED_LIBS
     from tvm_ffi.libinfo import load_lib_ctypes
 
-    lib_dir = _Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    lib_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
     try:
         _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
             package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[lib_dir], mode="RTLD_LOCAL")

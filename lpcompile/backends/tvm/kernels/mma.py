@@ -37,10 +37,11 @@ from tvm.backend.cuda.op import cuda_func_call
 from tvm.script import tirx as T
 
 from lpcompile.backends.tvm.kernels.compute import FLOAT8
+from lpcompile.backends.tvm.target import FP8_MIN_SM, cuda_sm
 
 MMA_M, MMA_N, MMA_K = 16, 8, 32
 PTX_TYPE = {"int8": "s8", "uint8": "u8", "float8_e4m3fn": "e4m3", "float8_e5m2": "e5m2"}
-INT_MIN_SM, FP8_MIN_SM = 80, 89
+INT_MIN_SM = 80  # int8 mma.sync m16n8k32; fp8 needs target.FP8_MIN_SM
 
 
 def supported(target: tvm.target.Target, activation: str, weight: str, k: int, k_pad: int, n: int, block: int) -> bool:
@@ -51,10 +52,8 @@ def supported(target: tvm.target.Target, activation: str, weight: str, k: int, k
         return False
     if (activation in FLOAT8) != (weight in FLOAT8) or (weight == "uint8"):
         return False
-    arch = str(target.attrs.get("arch", "sm_0"))
-    sm = int(arch[3:].rstrip("a")) if arch.startswith("sm_") else 0
     need = FP8_MIN_SM if weight in FLOAT8 else INT_MIN_SM
-    return sm >= need and k == k_pad and block % MMA_K == 0 and k % block == 0 and n % (MMA_N * 4) == 0
+    return cuda_sm(target) >= need and k == k_pad and block % MMA_K == 0 and k % block == 0 and n % (MMA_N * 4) == 0
 
 
 def applies(func: tirx.PrimFunc, target: tvm.target.Target) -> bool:
@@ -106,8 +105,6 @@ SMALL = Tiling(m_frags=1, n_frags=4, warps_n=1, warps_k=4, unroll=2)
 LARGE = Tiling(m_frags=2, n_frags=8, warps_n=4, warps_k=1, unroll=2)
 SMALL_ROWS = 128  # up to this many rows the SMALL tiling runs, above it LARGE
 THREADS = 128  # both tilings' block size, so one kernel can pick either at run time
-PREFILL = Tiling()  # (kept for benchmarks: 32 x 32 warp tiles)
-DECODE = SMALL
 
 
 def _first_fit(options, k: int, n: int, block: int) -> Tiling:
