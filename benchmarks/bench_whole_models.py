@@ -68,7 +68,8 @@ def prepare(name: str, work: Path) -> tuple[Path, dict[str, float]]:
     d.mkdir(parents=True, exist_ok=True)
     onnx_path = d / "model.onnx"
     if not onnx_path.exists():
-        subprocess.run([sys.executable, "-m", "models.export", *MODELS[name][:1], str(onnx_path), *MODELS[name][1:]], check=True)
+        subprocess.run([sys.executable, "-m", "models.export", *MODELS[name][:1], str(onnx_path.resolve()), *MODELS[name][1:]],
+                       check=True, cwd=Path(__file__).resolve().parents[1])  # models/ lives in the repository root
     cal = d / "model.calib" if (d / "model.calib").is_dir() else d / "model.calib.npz"
     seconds = {}
     for fmt in FORMATS:

@@ -36,6 +36,8 @@ import numpy as np
 
 from gpu_common import two_step_parser  # a sibling script: benchmarks/ is on sys.path
 
+ROOT = Path(__file__).resolve().parents[1]
+
 ALL = ("int4", "w8a16", "int8", "w4a8", "w4a4", "fp8", "fp8-e5m2")
 WEIGHT_ONLY = ("int4", "w8a16")
 MODELS = {
@@ -72,7 +74,8 @@ def build(out: Path, arch: str, work: Path, minilm: Path | None) -> None:
         if model == "minilm" and minilm is not None:
             onnx_path = minilm
         elif not onnx_path.exists():
-            subprocess.run([sys.executable, "-m", "models.export", export_args[0], str(onnx_path), *export_args[1:]], check=True)
+            subprocess.run([sys.executable, "-m", "models.export", export_args[0], str(onnx_path.resolve()), *export_args[1:]],
+                           check=True, cwd=ROOT)  # models/ lives in the repository root, not installed
         stem = onnx_path.with_suffix("")
         cal = Path(f"{stem}.calib") if Path(f"{stem}.calib").is_dir() else Path(f"{stem}.calib.npz")
         with np.load(f"{stem}.eval.npz") as ev:
@@ -117,6 +120,8 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _torch_module(model: str):
+    if str(ROOT) not in sys.path:  # models/ lives in the repository root, not installed
+        sys.path.insert(0, str(ROOT))
     from models.llama import LlamaConfig, build_llama
     from models.small import build_cnn
 

@@ -15,6 +15,8 @@ import onnx
 import onnx_ir as ir
 import pytest
 
+REPO_ROOT = Path(__file__).resolve().parents[1]  # holds models/, which is not installed
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Kernel latencies (lpcompile.backends.tvm.latency) measured by tests go to a cache of this test
@@ -86,6 +88,6 @@ def export_model(directory: Path, name: str, *extra: str) -> Path:
     evaluation files beside it); returns the .onnx path."""
     out = Path(directory) / f"{name}.onnx"
     r = subprocess.run([sys.executable, "-m", "models.export", name, str(out), *extra],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)  # models/ is not installed
     assert r.returncode == 0, r.stderr
     return out

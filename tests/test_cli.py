@@ -162,3 +162,32 @@ def test_auto_latency_budget_from_the_command_line(model_file, tmp_path):
     plan = json.loads((out / "plan.json").read_text())
     assert plan["budget"] == {"kind": "latency", "value": 1e6, "unit": "us", "tokens": 4}
     assert all(l["latency_us"] > 0 for l in plan["layers"])
+
+
+def test_python_m_lpcompile_prints_the_version():
+    from importlib import metadata
+
+    r = subprocess.run([sys.executable, "-m", "lpcompile", "--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"lpcompile {metadata.version('lpcompile')}"
+
+
+def test_help_names_the_run_and_bench_commands():
+    r = lpcompile("--help")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())  # argparse wraps lines
+    assert "lpcompile run OUT_DIR" in text and "lpcompile bench OUT_DIR" in text
+
+
+def test_the_repository_models_package_is_not_installed(tmp_path):
+    """`models/` serves the demo, tests and benchmarks from the repository root; the installed
+    distribution must not claim a top-level package of that name."""
+    from importlib import metadata
+
+    dist = metadata.distribution("lpcompile")
+    assert "models" not in (dist.read_text("top_level.txt") or "").split()
+    assert not [f for f in dist.files or [] if str(f).startswith("models/")]
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('models') is None)"],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+    assert r.stdout.strip() == "True", r.stderr
