@@ -181,6 +181,12 @@ class IntFormat:
         return _INT_ONNX.get((self.bits, self.signed))
 
     @property
+    def dtype_name(self) -> str | None:
+        """The name numpy / ml_dtypes give this format's own dtype ("int4", "uint8"; TVM uses the
+        same names), or None for widths that are only stored in a wider container (3, 5, 6, 7)."""
+        return np.dtype(self.numpy_dtype).name if self.onnx_type is not None else None
+
+    @property
     def numpy_dtype(self) -> type:
         if self.bits <= 2:
             return ml_dtypes.int2 if self.signed else ml_dtypes.uint2
@@ -299,6 +305,27 @@ class FloatFormat:
     def numpy_dtype(self) -> type | None:
         """The ml_dtypes type with the same encoding, or None (ExMy family)."""
         return _FLOAT_NUMPY.get(self.name)
+
+    @property
+    def dtype_name(self) -> str | None:
+        """The name of `numpy_dtype` ("float8_e4m3fn"; TVM names its dtypes the same), or None."""
+        return None if self.numpy_dtype is None else np.dtype(self.numpy_dtype).name
+
+    @property
+    def max_code(self) -> int:
+        """The code of +max_finite (sign bit clear): E4M3FN 0x7E, E5M2 0x7B."""
+        return int(np.argmax(self._table == self.max_finite))
+
+    @property
+    def inf_code(self) -> int | None:
+        """The code of +inf (E5M2: 0x7C), or None for formats without an inf."""
+        return (((1 << self.exp_bits) - 1) << self.man_bits) if self.has_inf else None
+
+    @property
+    def nan_code(self) -> int | None:
+        """The code `encode` writes for +NaN (E4M3FN 0x7F, E5M2 0x7E; fnuz 0x80), or None for
+        formats without a NaN."""
+        return int(self._nan_code(np.zeros((), bool))) if self.has_nan else None
 
     def __str__(self) -> str:
         return self.name

@@ -618,3 +618,36 @@ def test_spec_round_trips_through_text(spec):
     text = str(spec)
     assert QuantSpec.parse(text) == spec
     assert str(QuantSpec.parse(text)) == text
+
+
+# --- what backends read instead of restating: dtype names and special codes ------------------------
+
+
+@pytest.mark.parametrize("fmt,dtype", ML, ids=ML_IDS)
+def test_float_dtype_name_and_special_codes_match_ml_dtypes(fmt, dtype):
+    assert fmt.dtype_name == np.dtype(dtype).name and getattr(ml_dtypes, fmt.dtype_name) is dtype
+    values = ml_table(dtype, fmt.bits)
+    assert values[fmt.max_code] == fmt.max_finite and fmt.max_code < 1 << (fmt.bits - int(fmt.signed))
+    if fmt.has_inf:
+        assert values[fmt.inf_code] == np.inf
+    else:
+        assert fmt.inf_code is None and not np.isinf(values).any()
+    if fmt.has_nan:
+        assert np.isnan(values[fmt.nan_code]) and fmt.encode(np.array([np.nan]))[0] == fmt.nan_code
+    else:
+        assert fmt.nan_code is None
+
+
+def test_fp8_special_codes():
+    assert (FP8_E4M3.max_code, FP8_E4M3.inf_code, FP8_E4M3.nan_code) == (0x7E, None, 0x7F)
+    assert (FP8_E5M2.max_code, FP8_E5M2.inf_code, FP8_E5M2.nan_code) == (0x7B, 0x7C, 0x7E)
+    assert fp8_exmy(3, 4).dtype_name is None and fp8_exmy(3, 4).max_code == 0x7F
+
+
+def test_int_dtype_names_match_ml_dtypes_and_numpy():
+    for fmt, dtype in ((INT2, ml_dtypes.int2), (UINT2, ml_dtypes.uint2), (INT4, ml_dtypes.int4),
+                       (UINT4, ml_dtypes.uint4), (INT8, np.int8), (UINT8, np.uint8)):
+        assert fmt.dtype_name == np.dtype(dtype).name
+        info = ml_dtypes.iinfo(dtype) if fmt.bits < 8 else np.iinfo(dtype)
+        assert (fmt.qmin, fmt.qmax) == (info.min, info.max)
+    assert IntFormat(3, True).dtype_name is None  # stored in an int4 container, not an int4
