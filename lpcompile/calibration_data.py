@@ -7,7 +7,10 @@ Accepted sources (`as_calibration_data`):
 - `"random:N"`: N random samples for a smoke run. It is labelled as such everywhere it shows:
   random inputs say nothing about the accuracy on real data.
 
-Every batch is validated before use: all model inputs present, ranks match, floats finite.
+Every batch is validated before any work: all model inputs present, at least one sample, numeric
+dtypes that fit the model's (floats are not token ids), ranks and static dims match (named dims
+agree between inputs), floats finite, token ids inside the table they index; and there must be
+enough samples for one batch of a model with a static batch dimension.
 """
 
 from __future__ import annotations
@@ -116,8 +119,7 @@ def as_calibration_data(source, model: ir.Model, seed: int = 0) -> CalibrationDa
             raise CalibrationError(f"bad calibration source {source!r}: expected random:N with N >= 1")
         n = int(m.group(1))
         data = CalibrationData(specs, f"random:{n} (smoke run: random inputs, not real data)", True, _random_n=n, seed=seed)
-        next(data._blocks())  # fail now, not in the middle of a pass
-        return data
+        return _check_enough(data, [_validate(next(data._blocks()), specs, source)], source)  # fail now, not mid-pass
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():
@@ -125,27 +127,44 @@ def as_calibration_data(source, model: ir.Model, seed: int = 0) -> CalibrationDa
         files = sorted(path.glob("*.npz")) if path.is_dir() else [path]
         if not files:
             raise CalibrationError(f"no .npz files in calibration directory {path}")
-        for f in files:  # validate everything up front; reading is cheap next to running the model
-            _validate(_read_npz(f), specs, str(f))
+        # validate everything up front; reading is cheap next to running the model
+        blocks = [_validate(_read_npz(f), specs, str(f)) for f in files]
         n = len(files)
         label = f"{path}" + (f" ({n} files)" if path.is_dir() else "")
-        return CalibrationData(specs, label, _files=files)
+        return _check_enough(CalibrationData(specs, label, _files=files), blocks, str(path))
     if isinstance(source, Mapping):
         source = [source]
     if isinstance(source, Iterable):
         batches = [_validate(dict(b), specs, f"batch {i}") for i, b in enumerate(source)]
         if not batches:
             raise CalibrationError("calibration data is empty")
-        return CalibrationData(specs, f"{len(batches)} in-memory batches", _batches=batches)
+        return _check_enough(CalibrationData(specs, f"{len(batches)} in-memory batches", _batches=batches), batches,
+                             "calibration data")
     raise CalibrationError(f"cannot use {type(source).__name__} as calibration data")
+
+
+def _check_enough(data: CalibrationData, blocks: list[dict[str, np.ndarray]], where: str) -> CalibrationData:
+    """`data` if it makes at least one batch: a model with a static batch dimension runs on whole
+    batches of that size only, and a block smaller than one is skipped."""
+    fixed = data.fixed_batch
+    if fixed and not any(_num_samples(b) >= fixed for b in blocks):
+        most = max((_num_samples(b) for b in blocks), default=0)
+        raise CalibrationError(f"{where}: {most} samples, fewer than the model's static batch size {fixed}: "
+                               "no batch to calibrate on")
+    return data
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as z:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise CalibrationError(f"calibration file {path} is a single array (.npy); give an .npz whose arrays "
+                                   "are named after the model inputs (numpy.savez(path, name=array, ...))")
+        with loaded as z:
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise CalibrationError(f"cannot read calibration file {path}: {e}") from e
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CalibrationError(f"cannot read calibration file {path}: {reason}") from None
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -162,8 +181,14 @@ def _validate(block: dict, specs: list[InputSpec], where: str) -> dict[str, np.n
         raise CalibrationError(f"{where}: missing model input(s) {', '.join(missing)} (it has {have})")
     out = {}
     n = None
+    named: dict[str, tuple[int, str]] = {}  # a named dim's size, and the input that set it
     for spec in specs:
         arr = _to_numpy(block[spec.name])
+        if arr.dtype.kind not in "biuf":
+            raise CalibrationError(f"{where}: input {spec.name!r} is {arr.dtype}, not numbers; the model expects "
+                                   f"{spec.dtype}")
+        if arr.ndim and arr.shape[0] == 0:
+            raise CalibrationError(f"{where}: input {spec.name!r} holds no samples (its first axis is 0)")
         if spec.shape and arr.ndim != len(spec.shape):
             raise CalibrationError(
                 f"{where}: input {spec.name!r} has rank {arr.ndim}, the model expects {len(spec.shape)} "
@@ -175,6 +200,11 @@ def _validate(block: dict, specs: list[InputSpec], where: str) -> dict[str, np.n
         for axis, dim in enumerate(spec.shape):
             if isinstance(dim, int) and axis > 0 and arr.shape[axis] != dim:
                 raise CalibrationError(f"{where}: input {spec.name!r} has shape {arr.shape}, the model expects {spec.shape}")
+            if isinstance(dim, str) and axis > 0:
+                size, first = named.setdefault(dim, (arr.shape[axis], spec.name))
+                if size != arr.shape[axis]:
+                    raise CalibrationError(f"{where}: inputs {first!r} and {spec.name!r} disagree on dim {dim!r} "
+                                           f"({size} vs {arr.shape[axis]})")
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
             bad = "NaN" if np.isnan(arr).any() else "inf"
             raise CalibrationError(f"{where}: input {spec.name!r} holds {bad}")
@@ -182,6 +212,9 @@ def _validate(block: dict, specs: list[InputSpec], where: str) -> dict[str, np.n
             if np.issubdtype(spec.dtype, np.integer) and not np.issubdtype(arr.dtype, np.integer):
                 raise CalibrationError(f"{where}: input {spec.name!r} is {arr.dtype}, the model expects {spec.dtype}")
             arr = arr.astype(spec.dtype)
+        if spec.vocab is not None and arr.size and (arr.min() < -spec.vocab or arr.max() >= spec.vocab):
+            raise CalibrationError(f"{where}: input {spec.name!r} holds ids {int(arr.min())}..{int(arr.max())}; the "
+                                   f"table it indexes has {spec.vocab} rows")
         if n is None:
             n = arr.shape[0] if arr.ndim else 1
         elif arr.ndim and arr.shape[0] != n:
