@@ -1,15 +1,18 @@
 """`lpcompile run OUT_DIR --inputs x.npz [-o out.npz]` and `lpcompile bench OUT_DIR [--batch N]
 [--seq L] [--warmup W] [--repeat R] [--json]`: run a compiled artifact without the compiler.
 
-Bad input (no artifact, unreadable or mismatched inputs) exits with status 2 and one line on
-stderr.
+Bad input (no artifact, a corrupted one or one this CPU cannot run, unreadable or mismatched
+inputs, an -o that cannot be written) exits with status 2 and one line on stderr, before anything
+is written; Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
@@ -49,6 +52,47 @@ def _load_npz(path: str) -> dict:
         raise ValueError(f"cannot read inputs {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
+def _output_path(name: str) -> Path:
+    """Where `run -o NAME` writes (numpy's rule: .npz appended when missing), checked now."""
+    from lpcompile.runtime.tvm import ArtifactError
+
+    path = Path(name if name.endswith(".npz") else name + ".npz")
+    parent = path.parent
+    if not parent.is_dir():
+        raise ArtifactError(f"cannot write outputs to {path}: {parent} is not a directory")
+    if path.is_dir():
+        raise ArtifactError(f"cannot write outputs to {path}: it is a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ArtifactError(f"cannot write outputs to {path}: {parent} is not writable")
+    return path
+
+
+def _save_npz(path: Path, arrays: dict) -> None:
+    """Written beside `path` and renamed onto it: a failure leaves no partial file."""
+    import numpy as np
+
+    from lpcompile.runtime.tvm import ArtifactError
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except OSError as e:
+        os.unlink(tmp)
+        raise ArtifactError(f"cannot write outputs to {path}: {e.strerror or type(e).__name__}") from None
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def main(argv: list[str]) -> int:
     """argv: [command, args...] with command in COMMANDS."""
     command, rest = argv[0], argv[1:]
@@ -59,24 +103,26 @@ def main(argv: list[str]) -> int:
     try:
         if not Path(args.artifact).is_dir():
             raise ArtifactError(f"no such artifact directory: {args.artifact}")
+        output = _output_path(args.output) if command == "run" and args.output else None  # refused before running
         model = load(args.artifact)
         feeds = _load_npz(args.inputs) if args.inputs else None
         if command == "run":
             outputs = model.run(feeds)
-            if args.output:
-                import numpy as np
-
-                np.savez(args.output, **outputs)
+            if output:
+                _save_npz(output, outputs)
             for name, value in outputs.items():
                 print(f"{name}: {value.dtype} {list(value.shape)}")
             return 0
         if args.batch < 1 or args.seq < 1 or args.repeat < 1 or args.warmup < 0:
             raise ArtifactError("--batch, --seq and --repeat must be positive, --warmup not negative")
         result = model.benchmark(feeds, warmup=args.warmup, repeat=args.repeat, batch=args.batch, seq=args.seq)
-    except (ArtifactError, ValueError, KeyError, RuntimeError) as e:
+    except (ArtifactError, ValueError, KeyError, RuntimeError, OSError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"lpcompile {command}: error: {msg}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"lpcompile {command}: interrupted", file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps(result))
     else:

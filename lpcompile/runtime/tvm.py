@@ -10,7 +10,9 @@ This module imports TVM's runtime, numpy and the manifest; never lpcompile's com
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -18,13 +20,79 @@ from typing import Any
 
 import numpy as np
 
+from lpcompile.errors import LpcompileError
+from lpcompile.runtime.cpu import missing_features
+
 LIBRARY = "model.so"
 MANIFEST = "manifest.json"
 ALIGN = 64  # TVM's DLPack import refuses less aligned data
+# The manifest format this runtime reads (written by lpcompile.backends.tvm.export). 2: sha256 of
+# the files loading reads, and the CPU features of the library.
+MANIFEST_VERSION = 2
 
 
-class ArtifactError(ValueError):
+class ArtifactError(LpcompileError, ValueError):
     """The directory is not a loadable artifact, or the inputs do not fit it."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# Files verified by this process, by identity and modification time: loading the same artifact
+# again (a benchmark loop, a server's workers in one process) hashes it once.
+_VERIFIED: dict[tuple, str] = {}
+
+
+def _verify(path: Path, expected: str) -> None:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    digest = _VERIFIED.get(key) or sha256_file(path)
+    if digest != expected:
+        raise ArtifactError(f"{path}: checksum mismatch (the file is corrupted or was changed after it was "
+                            "compiled); compile again")
+    _VERIFIED[key] = digest
+
+
+def _read_manifest(root: Path) -> dict:
+    """The manifest, checked: a version this runtime reads, files present and intact, a CPU with
+    the library's features."""
+    path = root / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{root}: no {MANIFEST} (not a TVM artifact; compile with --emit tvm)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    version = manifest.get("version") if isinstance(manifest, dict) else None
+    if version != MANIFEST_VERSION:
+        newer = isinstance(version, int) and version > MANIFEST_VERSION
+        raise ArtifactError(f"{path}: manifest version {version!r}, this runtime reads version {MANIFEST_VERSION} "
+                            + ("(upgrade lpcompile)" if newer else "(compile the model again)"))
+    machine = manifest.get("machine")
+    if machine and machine != platform.machine():  # a cross-compiled library cannot load here
+        raise ArtifactError(f"{root}: compiled for {machine}; this machine is {platform.machine()}")
+    cpu = manifest.get("cpu_features") or {}
+    missing = missing_features(cpu.get("machine", ""), list(cpu.get("features", [])))
+    if missing:
+        raise ArtifactError(f"{root}: the library was compiled for CPU {cpu.get('cpu')} and uses "
+                            f"{', '.join(missing)}, which this CPU lacks; compile it for this CPU (--target llvm)")
+    sums = manifest.get("sha256") or {}
+    needed = [manifest.get("library", LIBRARY)] + ([manifest.get("params", "params.bin")]
+                                                  if manifest.get("param_names") else [])
+    for name in dict.fromkeys([*needed, *sums]):
+        if os.sep in name or name in ("", ".", ".."):
+            raise ArtifactError(f"{path}: bad file name {name!r}")
+        if not (root / name).is_file():
+            raise ArtifactError(f"{root}: {name} is missing")
+        if name not in sums:
+            raise ArtifactError(f"{path}: no checksum for {name}")
+        _verify(root / name, sums[name])
+    return manifest
 
 
 _CUDA_BINARIES: dict[str, bytes] = {}
@@ -84,16 +152,8 @@ class TvmModel:
         from tvm.runtime.vm import VirtualMachine
 
         self.path = Path(out_dir)
-        manifest_path = self.path / MANIFEST
-        if not manifest_path.is_file():
-            raise ArtifactError(f"{self.path}: no {MANIFEST} (not a TVM artifact; compile with --emit tvm)")
-        self.manifest = json.loads(manifest_path.read_text())
+        self.manifest = _read_manifest(self.path)
         lib = self.path / self.manifest.get("library", LIBRARY)
-        if not lib.is_file():
-            raise ArtifactError(f"{self.path}: {lib.name} is missing")
-        machine = self.manifest.get("machine")
-        if machine and machine != platform.machine():  # a cross-compiled library cannot load here
-            raise ArtifactError(f"{self.path}: compiled for {machine}; this machine is {platform.machine()}")
         kind = device or self.manifest.get("device", "cpu")
         self.is_cuda = kind == "cuda"
         if self.is_cuda:
@@ -108,8 +168,6 @@ class TvmModel:
         self._main = self._vm["main"]
         params = self.path / self.manifest.get("params", "params.bin")
         names = self.manifest.get("param_names", [])
-        if names and not params.is_file():
-            raise ArtifactError(f"{self.path}: {params.name} is missing")
         loaded = tvm.runtime.load_param_dict_from_file(str(params)) if names else {}
         # loaded once onto the device; passed by reference on every call
         self._params = [loaded[n] if not self.is_cuda else loaded[n].copyto(self.device)

@@ -190,6 +190,130 @@ assert not bad, bad
     assert r.returncode == 0, r.stderr
 
 
+def copy_of(artifact, tmp_path):
+    dst = tmp_path / "copy.lpc"
+    shutil.copytree(artifact, dst)
+    return dst
+
+
+def edit_manifest(path, **changes):
+    m = json.loads((path / "manifest.json").read_text())
+    m.update(changes)
+    (path / "manifest.json").write_text(json.dumps(m))
+    return m
+
+
+def run_cli(capsys, *args):
+    """`lpcompile run|bench ...` in-process: (exit status, stderr lines)."""
+    from lpcompile.runtime.cli import main
+
+    rc = main([str(a) for a in args])
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+def test_manifest_records_checksums_and_cpu_features(artifacts):
+    import platform
+
+    import tvm
+
+    from lpcompile.runtime.cpu import missing_features
+    from lpcompile.runtime.tvm import MANIFEST_VERSION, sha256_file
+
+    path = artifacts["int4"]
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["version"] == MANIFEST_VERSION
+    assert m["sha256"] == {name: sha256_file(path / name) for name in ("model.so", "params.bin")}
+    cpu = m["cpu_features"]
+    assert cpu["machine"] == platform.machine() and cpu["cpu"] == tvm.target.codegen.llvm_get_system_cpu()
+    if platform.machine() == "x86_64":
+        from lpcompile.backends.tvm.target import host_target
+
+        for feature in ("avx2", "avx512f", "avx512vnni", "amx-int8"):
+            assert (feature in cpu["features"]) == bool(tvm.target.codegen.target_has_features(feature, host_target()))
+    assert missing_features(cpu["machine"], cpu["features"]) == []  # built here, runs here
+
+
+@pytest.mark.parametrize("name", ["params.bin", "model.so"])
+def test_a_corrupted_artifact_is_refused(artifacts, tmp_path, capsys, name):
+    from lpcompile.runtime.tvm import ArtifactError
+
+    path = copy_of(artifacts["int4"], tmp_path)
+    with open(path / name, "r+b") as f:  # 64 bytes overwritten, the size unchanged
+        f.seek(1000)
+        f.write(bytes(range(64)))
+    with pytest.raises(ArtifactError, match=f"{name}: checksum mismatch"):
+        runtime.load(path)
+    np.savez(tmp_path / "x.npz", x=np.zeros((1, 2, 256), np.float32))
+    rc, err = run_cli(capsys, "run", path, "--inputs", tmp_path / "x.npz", "-o", tmp_path / "y.npz")
+    assert rc == 2 and len(err) == 1 and "checksum mismatch" in err[0], err
+    assert not (tmp_path / "y.npz").exists()
+    (path / name).unlink()
+    with pytest.raises(ArtifactError, match=f"{name} is missing"):
+        runtime.load(path)
+
+
+def test_a_library_for_a_cpu_feature_this_cpu_lacks_is_refused(artifacts, tmp_path, capsys):
+    import platform
+
+    from lpcompile.runtime.cpu import CPUINFO_FLAGS, host_flags
+    from lpcompile.runtime.tvm import ArtifactError
+
+    flags = host_flags()
+    table = CPUINFO_FLAGS.get(platform.machine(), {})
+    lacking = [f for f, flag in table.items() if flags is not None and flag not in flags]
+    if not lacking:
+        pytest.skip("this CPU has every feature lpcompile checks (or /proc/cpuinfo is absent)")
+    path = copy_of(artifacts["int4"], tmp_path)
+    m = json.loads((path / "manifest.json").read_text())
+    edit_manifest(path, cpu_features={**m["cpu_features"], "features": [*m["cpu_features"]["features"], lacking[0]]})
+    with pytest.raises(ArtifactError, match=f"uses {lacking[0]}, which this CPU lacks"):
+        runtime.load(path)
+    rc, err = run_cli(capsys, "bench", path, "--repeat", 1)
+    assert rc == 2 and len(err) == 1 and f"uses {lacking[0]}, which this CPU lacks" in err[0], err
+
+
+@pytest.mark.parametrize("version, message", [(99, "upgrade lpcompile"), (1, "compile the model again"),
+                                              (None, "manifest version None")])
+def test_the_manifest_version_is_checked(artifacts, tmp_path, version, message):
+    from lpcompile.runtime.tvm import ArtifactError
+
+    path = copy_of(artifacts["int4"], tmp_path)
+    edit_manifest(path, version=version)
+    with pytest.raises(ArtifactError, match=message):
+        runtime.load(path)
+    (path / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="manifest.json: unreadable"):
+        runtime.load(path)
+
+
+def test_run_outputs_that_cannot_be_written_are_one_line(artifacts, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    path = artifacts["int4"]
+    np.savez(tmp_path / "x.npz", x=np.zeros((1, 2, 256), np.float32))
+    (tmp_path / "file").write_text("keep")
+    (tmp_path / "dir.npz").mkdir()
+    for out, message in ((tmp_path / "missing" / "y.npz", "missing is not a directory"),
+                         (tmp_path / "file" / "y.npz", "file is not a directory"),
+                         (tmp_path / "dir.npz", "it is a directory")):
+        rc, err = run_cli(capsys, "run", path, "--inputs", tmp_path / "x.npz", "-o", out)
+        assert rc == 2 and len(err) == 1 and message in err[0], (out, err)
+    import lpcompile.runtime.cli as rcli
+
+    def disk_full(f, **arrays):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    rc, err = run_cli(capsys, "run", path, "--inputs", tmp_path / "x.npz", "-o", tmp_path / "y.npz")
+    assert rc == 2 and err == [f"lpcompile run: error: cannot write outputs to {tmp_path / 'y.npz'}: No space left on device"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.npz", "file", "x.npz"]  # no partial file
+    monkeypatch.setattr(rcli.os, "access", lambda p, mode: False)
+    rc, err = run_cli(capsys, "run", path, "--inputs", tmp_path / "x.npz", "-o", tmp_path / "y.npz")
+    assert rc == 2 and len(err) == 1 and "is not writable" in err[0], err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["int4", "int8"])
 def test_minilm_tvm_matches_ort(tmp_path_factory, fmt):

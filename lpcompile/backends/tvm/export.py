@@ -2,7 +2,9 @@
 
     manifest = export_artifact(qdq_proto, host_target(), "out/", report=compiled.report)
 
-`model.so` is the exported Relax VM executable (code only). The weights are the constants of
+`model.so` is the exported Relax VM executable (code only). The manifest (its format is read by
+`lpcompile.runtime.tvm`, which owns MANIFEST_VERSION) records the CPU features the code may use
+and the sha256 of every file loading reads. The weights are the constants of
 the lowered module, lifted into extra parameters of `main` after the model inputs and written
 to `params.bin` (TVM's parameter format, any dtype) in the form the kernels read them: packed
 int4 (eight per uint32), int8, fp8 bytes, and their float32 scales. The float copy of a
@@ -28,12 +30,13 @@ import tvm
 from lpcompile.backends.tvm.lower import LoweringReport, from_onnx
 from lpcompile.backends.tvm.pipeline import build
 from lpcompile.backends.tvm.target import cross_linker, is_cross
+from lpcompile.runtime.cpu import library_features
+from lpcompile.runtime.tvm import MANIFEST_VERSION, sha256_file
 
 LIBRARY = "model.so"
 PARAMS = "params.bin"
 MANIFEST = "manifest.json"
 LIFT_MIN_ELEMENTS = 16  # smaller constants (scalar scales, zero points) stay in the library
-MANIFEST_VERSION = 1
 
 _ONNX_DTYPES = {v: onnx.helper.tensor_dtype_to_np_dtype(v).name for v in (
     onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64,
@@ -157,6 +160,17 @@ def _machine(target: tvm.target.Target) -> str:
     return triple.split("-")[0] if triple else platform.machine()
 
 
+def _cpu_features(target: tvm.target.Target) -> dict:
+    """What the library's CPU code may use: the LLVM CPU name and the instruction-set extensions
+    the target enables (for CUDA: of the generic host CPU the Relax VM glue is built for)."""
+    host = target.host if target.kind.name == "cuda" and target.host is not None else target
+    if host.kind.name != "llvm":
+        return {"machine": _machine(target), "cpu": None, "features": []}
+    features = tvm.target.codegen.llvm_get_cpu_features(host)
+    return {"machine": _machine(target), "cpu": str(host.attrs.get("mcpu", "")) or "generic",
+            "features": library_features(_machine(target), features)}
+
+
 def export_artifact(
     qdq_model: onnx.ModelProto,
     target: tvm.target.Target,
@@ -212,6 +226,9 @@ def export_artifact(
                       for l in layers if l["status"] != "native"],
         "lowering": {"fired": dict(lowering.fired), "refused": dict(lowering.refused)},
         "library_bytes": (out / LIBRARY).stat().st_size,
+        "cpu_features": _cpu_features(target),  # loading refuses a CPU without them
+        "sha256": {name: sha256_file(out / name)  # loading verifies what it reads
+                   for name in (LIBRARY, PARAMS, *(b["file"] for b in cuda or []))},
         "seconds": {"lower": round(t1 - t0, 3), "build": round(t2 - t1, 3), "export": round(t3 - t2, 3)},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
