@@ -35,7 +35,8 @@ def test_specs_resolve():
 
 
 @pytest.mark.parametrize("spec,match", [("cuda:sm_70", "unsupported CUDA arch"), ("aarch64:pentium", "unknown aarch64 CPU"),
-                                        ("x86", "unknown target"), ("llvm:znver5", "unknown target")])
+                                        ("x86", "unknown target"), ("llvm:znver5", "takes no CPU name"),
+                                        ("cuda:sm_90a", "use cuda:sm_90"), ("cuda:banana", "unknown CUDA arch")])
 def test_bad_specs_are_refused(spec, match):
     with pytest.raises(TargetError, match=match):
         resolve(spec)

@@ -1,8 +1,9 @@
-"""TVM targets lpcompile compiles for: the host CPU (features detected), 64-bit Arm Linux
-(cross-compiled and cross-linked) and CUDA sm_80..sm_90.
+"""TVM targets for lpcompile's target descriptions (`lpcompile.targets`): the host CPU (features
+detected), 64-bit Arm Linux (cross-compiled and cross-linked) and CUDA sm_80..sm_90.
 
-A target is named by a short spec: `llvm` (this CPU), `aarch64` or `aarch64:CPU` (e.g.
-`aarch64:neoverse-v1`; default a generic ARMv8-A with NEON), `cuda` or `cuda:sm_89`."""
+A spec is parsed and validated once, by `lpcompile.targets.parse`; this module only builds the
+TVM target for a parsed `Target` (`resolve`) and describes a TVM target it is handed (`describe`:
+what the kernel rules ask)."""
 
 from __future__ import annotations
 
@@ -16,30 +17,29 @@ import sys
 
 import tvm
 
+from lpcompile import targets
 from lpcompile.errors import TargetError
+from lpcompile.targets import AARCH64_TRIPLE, CUDA_ARCHES, FP8, FP8_MIN_SM, KINDS as TARGET_KINDS, Target  # noqa: F401
 
-CUDA_ARCHES = ("sm_80", "sm_86", "sm_89", "sm_90")
-TARGET_KINDS = ("llvm", "aarch64", "cuda")
-AARCH64_TRIPLE = "aarch64-linux-gnu"
 CROSS_CC_ENV = "LPCOMPILE_CROSS_CC"
 
 
-def resolve(spec: str) -> tvm.target.Target:
-    """The TVM target a spec names (see the module docstring)."""
-    kind, _, arg = spec.partition(":")
-    if kind == "llvm" and not arg:
+def resolve(spec: str | Target) -> tvm.target.Target:
+    """The TVM target for a spec (parsed by `lpcompile.targets.parse`) or a parsed Target."""
+    t = targets.parse(spec) if isinstance(spec, str) else spec
+    if t.kind == "llvm":
         return host_target()
-    if kind == "aarch64":
-        return aarch64_target(arg or "generic")
-    if kind == "cuda":
-        return cuda_target(arg or "sm_80")
-    raise TargetError(f"unknown target {spec!r}; choose one of: llvm, aarch64[:CPU], cuda[:{'|'.join(CUDA_ARCHES)}]")
+    if t.kind == "aarch64":
+        return _aarch64(t.cpu)
+    return _cuda(t.arch)
 
 
 def aarch64_target(mcpu: str = "generic") -> tvm.target.Target:
     """64-bit Arm Linux with NEON; `mcpu` an LLVM CPU name (its features come with it)."""
-    if mcpu not in tvm.target.codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm", "mtriple": AARCH64_TRIPLE})):
-        raise TargetError(f"unknown aarch64 CPU {mcpu!r} (an LLVM CPU name, e.g. generic, cortex-a76, neoverse-v1)")
+    return _aarch64(targets.parse(f"aarch64:{mcpu}").cpu)
+
+
+def _aarch64(mcpu: str) -> tvm.target.Target:
     return tvm.target.Target({"kind": "llvm", "mtriple": AARCH64_TRIPLE, "mcpu": mcpu, "mattr": ["+neon"]})
 
 
@@ -70,7 +70,6 @@ def cross_linker(target: tvm.target.Target):
 
     link.output_format = "so"
     return link
-FP8_MIN_SM = 89
 
 
 def host_target(num_cores: int | None = None) -> tvm.target.Target:
@@ -86,22 +85,54 @@ def host_target(num_cores: int | None = None) -> tvm.target.Target:
 
 
 def cuda_target(arch: str = "sm_80") -> tvm.target.Target:
-    """A CUDA target for one of CUDA_ARCHES. Its host code (the Relax VM's glue) is built for a
-    generic CPU of this architecture, not this machine's: a GPU server's CPU is rarely the build
-    machine's, and code for this CPU's extensions would fault there."""
-    if arch not in CUDA_ARCHES:
-        raise TargetError(f"unsupported CUDA arch {arch!r}; supported: {', '.join(CUDA_ARCHES)}")
+    """A CUDA target for one of CUDA_ARCHES (others refused as `targets.parse` refuses them)."""
+    return _cuda(targets.cuda(arch).arch)
+
+
+def _cuda(arch: str) -> tvm.target.Target:
+    # Its host code (the Relax VM's glue) is built for a generic CPU of this architecture, not
+    # this machine's: a GPU server's CPU is rarely the build machine's, and code for this CPU's
+    # extensions would fault there.
     return tvm.target.Target({"kind": "cuda", "arch": arch}, host=tvm.target.Target({"kind": "llvm"}))
+
+
+def describe(target: tvm.target.Target) -> Target:
+    """The description (`lpcompile.targets.Target`) of a TVM target the backend is handed: what
+    its kernel rules ask. CPU features are LLVM's for the target's CPU (what code for it may
+    use); a CUDA target's arch must be one of CUDA_ARCHES."""
+    key = str(target)  # its JSON
+    if key not in _DESCRIBED:
+        _DESCRIBED[key] = _describe(target)
+    return _DESCRIBED[key]
+
+
+_DESCRIBED: dict[str, Target] = {}
+
+
+def _describe(target: tvm.target.Target) -> Target:
+    if target.kind.name == "cuda":
+        arch = str(target.attrs.get("arch", ""))
+        if not arch.startswith("sm_"):
+            raise TargetError(f"CUDA target without an sm_ arch: {target}")
+        return targets.cuda(arch)
+    if target.kind.name != "llvm":
+        raise TargetError(f"no kernels for TVM target kind {target.kind.name!r}")
+    features = frozenset(name for name, llvm in targets.CPU_FEATURES.items()
+                         if tvm.target.codegen.target_has_features(llvm, target))
+    mcpu = str(target.attrs.get("mcpu", "")) or None
+    if str(target.attrs.get("mtriple", "")).startswith("aarch64"):
+        return targets.cpu_target(f"aarch64:{mcpu or targets.DEFAULT_AARCH64_CPU}", mcpu, features | {"neon"})
+    return targets.cpu_target("llvm", mcpu, features)
 
 
 def cuda_sm(target: tvm.target.Target) -> int:
     """The SM version (80, 86, ...) of a CUDA target."""
-    arch = str(target.attrs.get("arch", ""))
-    if not arch.startswith("sm_"):
-        raise TargetError(f"CUDA target without an sm_ arch: {target}")
-    return int(arch[3:].rstrip("a"))
+    sm = describe(target).sm
+    if sm is None:
+        raise TargetError(f"not a CUDA target: {target}")
+    return sm
 
 
 def supports_fp8(target: tvm.target.Target) -> bool:
     """FP8 kernels run on CPUs (converted in software) and on CUDA sm_89+."""
-    return target.kind.name != "cuda" or cuda_sm(target) >= FP8_MIN_SM
+    return not (FP8 & describe(target).unavailable_formats)

@@ -18,7 +18,6 @@ import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
 
-from lpcompile.backends.tvm.kernels import x86
 from lpcompile.backends.tvm.kernels.compute import KERNEL_ATTR, RADIX, hadamard_stages, has_block
 
 K_UNROLL = 4
@@ -238,13 +237,12 @@ SCHEDULES = {
 
 
 def schedule(func: tirx.PrimFunc, target: tvm.target.Target, generic_only: bool = False) -> tirx.PrimFunc:
-    """The kernel for an LLVM target: a hand-scheduled ISA-specific kernel where one applies
-    (first match wins), else the generic schedule of the compute definition."""
-    if not generic_only:
-        for applies, specialise in SPECIALISED:
-            if applies(func, target):
-                return specialise(func)
-    return SCHEDULES[str(_attr(func, KERNEL_ATTR))](func)
+    """The kernel for an LLVM target: a matmul as the CPU rule list picks it (`rules.CPU_RULES`:
+    a hand-scheduled ISA-specific kernel where one applies, first that applies wins), everything
+    else (and everything with `generic_only`) by the generic schedule of its compute definition."""
+    kind = str(_attr(func, KERNEL_ATTR))
+    if kind == "quantized_matmul" and not generic_only:
+        from lpcompile.backends.tvm.kernels.rules import schedule_matmul
 
-
-SPECIALISED = [(x86.applies, x86.int4_gemv), (x86.applies_dot4, x86.u8s8_dot4_gemm), (x86.applies_w4a8, x86.w4a8_dot4_gemm)]
+        return schedule_matmul(func, target)
+    return SCHEDULES[kind](func)

@@ -15,7 +15,6 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.s_tir import Schedule
 
-from lpcompile.backends.tvm.kernels import cuda_int4, mma
 from lpcompile.backends.tvm.kernels.compute import KERNEL_ATTR, hadamard_stages, has_block
 
 THREADS = 128
@@ -141,10 +140,12 @@ SCHEDULES = {
 
 
 def schedule(func: tirx.PrimFunc, target=None) -> tirx.PrimFunc:
-    """The tensor-core kernel where it applies (8-bit pairs in the dot4 layout), the split-K
-    kernel for float x int4, else the generic schedule of the compute definition."""
-    if target is not None and mma.applies(func, target):
-        return mma.mma_gemm(func)
-    if target is not None and cuda_int4.applies(func, target):
-        return cuda_int4.int4_gemm(func)
-    return SCHEDULES[str(func.attrs[KERNEL_ATTR])](func)
+    """A matmul as the CUDA rule list picks it (`rules.CUDA_RULES`: the tensor-core kernel for
+    8-bit pairs in the dot4 layout, the split-K kernel for float x int4, else the generic
+    schedule); other kernels (and matmuls without a target) by the generic schedule."""
+    kind = str(func.attrs[KERNEL_ATTR])
+    if kind == "quantized_matmul" and target is not None:
+        from lpcompile.backends.tvm.kernels.rules import schedule_matmul
+
+        return schedule_matmul(func, target)
+    return SCHEDULES[kind](func)

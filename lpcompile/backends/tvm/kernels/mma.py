@@ -37,33 +37,28 @@ from tvm.backend.cuda.op import cuda_func_call
 from tvm.script import tirx as T
 
 from lpcompile.backends.tvm.kernels.compute import FLOAT8
-from lpcompile.backends.tvm.target import FP8_MIN_SM, cuda_sm
 
 MMA_M, MMA_N, MMA_K = 16, 8, 32
 PTX_TYPE = {"int8": "s8", "uint8": "u8", "float8_e4m3fn": "e4m3", "float8_e5m2": "e5m2"}
-INT_MIN_SM = 80  # int8 mma.sync m16n8k32; fp8 needs target.FP8_MIN_SM
 
 
 def supported(target: tvm.target.Target, activation: str, weight: str, k: int, k_pad: int, n: int, block: int) -> bool:
     """Whether a layer fits the tensor-core kernel on `target` (so its weights go in the dot4
-    layout): an 8-bit pair the arch multiplies, K a whole number of 32-deep steps per block, N a
-    whole number of warp tiles."""
-    if target.kind.name != "cuda" or activation not in PTX_TYPE or weight not in PTX_TYPE:
-        return False
-    if (activation in FLOAT8) != (weight in FLOAT8) or (weight == "uint8"):
-        return False
-    need = FP8_MIN_SM if weight in FLOAT8 else INT_MIN_SM
-    return cuda_sm(target) >= need and k == k_pad and block % MMA_K == 0 and k % block == 0 and n % (MMA_N * 4) == 0
+    layout): the rule "mma-tensor-core" of `rules` (an 8-bit pair the arch multiplies, K a whole
+    number of 32-deep steps per block, N a whole number of warp tiles)."""
+    from lpcompile.backends.tvm.kernels.rules import MatmulSpec, rule
+    from lpcompile.backends.tvm.target import describe
+
+    t = describe(target)
+    return t.kind == "cuda" and k == k_pad and rule("cuda", "mma-tensor-core").applies(
+        t, MatmulSpec(activation, weight, k, n, block)) is None
 
 
 def applies(func: tirx.PrimFunc, target: tvm.target.Target) -> bool:
-    attrs = func.attrs
-    if attrs is None or attrs.get("lpcompile.kernel") != "quantized_matmul" or not attrs.get("lpcompile.dot4"):
-        return False
-    if "y" not in [p.name for p in func.params]:  # accumulator_only variants keep the generic path
-        return False
-    k, n, block = int(attrs["lpcompile.k"]), int(attrs["lpcompile.n"]), int(attrs["lpcompile.block"])
-    return supported(target, str(attrs["lpcompile.activation"]), str(attrs["lpcompile.weight"]), k, k, n, block)
+    """Whether the tensor-core kernel takes the definition `func` on `target`."""
+    from lpcompile.backends.tvm.kernels.rules import applies as rule_applies
+
+    return target.kind.name == "cuda" and rule_applies("mma-tensor-core", func, target)
 
 
 def _mma_function(activation: str, weight: str) -> tuple[str, str, str]:
