@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from lpcompile.errors import TargetError
+from lpcompile.runtime.cpu import CPUINFO_FLAGS, host_flags
 
 KINDS = ("llvm", "aarch64", "cuda")
 CUDA_ARCHES = ("sm_80", "sm_86", "sm_89", "sm_90")
@@ -44,9 +45,9 @@ FP8 = frozenset({"fp8_e4m3", "fp8_e5m2"})
 # carried in int8; int8 / uint8: weights and activations)
 INTEGER_FORMATS = frozenset({"int4", "int8", "uint8"})
 # CPU flags (as /proc/cpuinfo and lscpu name them) that decide a kernel or are worth naming
-# (AMX: no kernel uses it yet), with LLVM's name for each
-CPU_FEATURES = {"avx2": "avx2", "avx512f": "avx512f", "avx512_vnni": "avx512vnni", "avx_vnni": "avxvnni",
-                "amx_tile": "amx-tile", "amx_int8": "amx-int8"}
+# (AMX: no kernel uses it yet), with LLVM's name for each (runtime.cpu's table: one translation)
+CPU_FEATURES = {CPUINFO_FLAGS["x86_64"][llvm]: llvm
+                for llvm in ("avx2", "avx512f", "avx512vnni", "avxvnni", "amx-tile", "amx-int8")}
 USAGE = f"choose one of: llvm, aarch64[:CPU], cuda[:{'|'.join(CUDA_ARCHES)}]"
 # The CLI's --target help
 HELP = (f"llvm = this CPU (its features detected; no CPU name) | aarch64[:CPU] = 64-bit Arm Linux, "
@@ -200,18 +201,10 @@ def cuda(arch: str) -> Target:
                   unavailable_formats=frozenset() if fp8 else FP8)
 
 
-@functools.lru_cache(maxsize=1)
 def host_features() -> frozenset[str]:
-    """This machine's CPU flags of CPU_FEATURES, from /proc/cpuinfo (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.partition(":")[2].split())
-                    return frozenset(name for name in CPU_FEATURES if name in flags)
-    except OSError:
-        pass
-    return frozenset()
+    """This machine's CPU flags of CPU_FEATURES, from /proc/cpuinfo (`runtime.cpu.host_flags`;
+    empty where there is none)."""
+    return frozenset(CPU_FEATURES) & (host_flags() or frozenset())
 
 
 def _machine_is_aarch64() -> bool:
