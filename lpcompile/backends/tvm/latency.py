@@ -31,7 +31,7 @@ to any of them re-measures) and the kernel's signature. Written atomically, merg
 so concurrent compilers share it.
 
 Targets whose code cannot run here (aarch64 cross-compiled on another machine, CUDA without a
-GPU): `why_unmeasurable` says so; nothing is estimated in their place. With a GPU present, CUDA
+GPU): `why_unmeasurable` (`lpcompile.targets.Target.timing_unavailable`) says so; nothing is estimated in their place. With a GPU present, CUDA
 kernels are built through TVM's own path (`Executable.jit`, NVRTC), not the nvcc-built binaries
 an artifact ships; that path has not run yet (the GPU machines here carry TVM's runtime only).
 """
@@ -54,7 +54,7 @@ import tvm
 from tvm import tirx
 
 from lpcompile.backends.tvm import kernels as K
-from lpcompile.backends.tvm.target import is_cross, resolve
+from lpcompile.backends.tvm.target import describe, resolve
 from lpcompile.errors import TargetError
 from lpcompile.formats import PerBlock, PerTensor, PerToken, QuantSpec
 
@@ -108,15 +108,9 @@ class Kernel:
 
 
 def why_unmeasurable(target: tvm.target.Target) -> str | None:
-    """Why kernels for `target` cannot be timed on this machine, or None when they can."""
-    kind = target.kind.name
-    if kind == "llvm":
-        if is_cross(target):
-            return f"{target.attrs['mtriple']} code does not run on this machine (cross-compiled)"
-        return None
-    if kind == "cuda":
-        return None if tvm.cuda(0).exist else "there is no CUDA GPU on this machine"
-    return f"no latency measurement for {kind} targets"
+    """Why kernels for `target` cannot be timed on this machine, or None when they can (the
+    target description's `timing_unavailable`: one answer for the API and this model)."""
+    return describe(target).timing_unavailable()
 
 
 def kernels_for(target: tvm.target.Target, shape: LinearShape, weights: QuantSpec | None,
@@ -148,10 +142,11 @@ def kernels_for(target: tvm.target.Target, shape: LinearShape, weights: QuantSpe
             quantize = [Kernel("quantize_tensor", rows, False, k, activation=act[0])]
         else:
             return f"no kernel takes {activations} inputs"
-    native, dot4 = kernel_choice(target, act, kind, k, n, block or k)
+    one_row = static and rows == 1
+    native, choice = kernel_choice(target, act, kind, k, n, block or k, rows=1 if one_row else None)
     if act is not None and not native:
         return f"no kernel multiplies {act[1]}-scaled {act[0]} inputs by {kind} weights"
-    one_row = static and rows == 1
+    dot4 = choice.dot4
     matmul = Kernel("matmul", rows, one_row, k, n, kind, act[0] if act else "float32", block, dot4)
     return quantize + [matmul]
 

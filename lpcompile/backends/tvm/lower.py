@@ -39,6 +39,7 @@ from tvm.sym.analyzer import Analyzer  # tvm.arith in older TVM
 
 from lpcompile.backends.tvm import kernels as K
 from lpcompile.backends.tvm.kernels.compute import FLOAT8
+from lpcompile.backends.tvm.target import describe
 from lpcompile.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -515,17 +516,19 @@ def _node_name(attr: dict) -> str | None:
 
 
 def kernel_choice(target: tvm.target.Target, act: tuple[str, str] | None, weight: str, k: int, n: int,
-                  block: int) -> tuple[bool, bool]:
-    """(native, dot4) for a [k, n] linear with `weight` codes (a key of `K.PAIRS`) in scale blocks
-    of `block` along K (k for one block) whose input is quantized as `act` = (dtype, scale kind
-    "tensor" | "row"), or float (None). Native: a kernel takes the input in its quantized form
-    (else the kernel gets float activations); dot4: the weights go in the dot-product layout
-    (`K.use_dot4`: VNNI on CPUs, tensor cores on CUDA). The latency model asks the same
-    question, so what it times is what this lowering emits."""
+                  block: int, rows: int | None = None) -> tuple[bool, K.rules.Choice]:
+    """(native, choice) for a [k, n] linear with `weight` codes (a key of `K.PAIRS`) in scale
+    blocks of `block` along K (k for one block) whose input is quantized as `act` = (dtype, scale
+    kind "tensor" | "row"), or float (None), over `rows` rows (1, or None: several / symbolic).
+    Native: a kernel takes the input in its quantized form (else the kernel gets float
+    activations); choice: the first kernel rule of the target's list that applies (`K.rules`),
+    whose `dot4` says whether the weights go in the dot-product layout (VNNI on CPUs, tensor
+    cores on CUDA). The latency model asks the same question, so what it times is what this
+    lowering emits."""
     pair = K.PAIRS.get((act[0], weight)) if act is not None else None
     native = pair is not None and pair.act_scale == act[1]
-    k_pad = -(-k // block) * block
-    return native, native and K.use_dot4(target, act[0], weight, k, k_pad, n, block)
+    spec = K.MatmulSpec(act[0] if native else "float32", weight, k, n, block, rows=rows)
+    return native, K.choose(describe(target), spec)
 
 
 def _lower_linear(ctx: _Context, a: relax.Expr, b: relax.Expr, *, transposed: bool, pattern: str, node: str | None = None):
@@ -552,7 +555,8 @@ def _lower_linear(ctx: _Context, a: relax.Expr, b: relax.Expr, *, transposed: bo
     k, n = q_kn.shape
     k_pad = s.shape[0] * block
     act = ctx.acts.get(a)
-    native, dot4 = kernel_choice(ctx.target, (act.dtype, act.kind) if act is not None else None, kind, k, n, block)
+    native, choice = kernel_choice(ctx.target, (act.dtype, act.kind) if act is not None else None, kind, k, n, block)
+    dot4 = choice.dot4
     if kind == "int4" and dot4:
         packed = K.NIB8.pack(q_kn.astype(np.int8), k_pad)
     elif kind == "int4":
@@ -590,8 +594,12 @@ def _lower_linear(ctx: _Context, a: relax.Expr, b: relax.Expr, *, transposed: bo
     ctx.report.fired[f"{pattern}[{activation} x {kind}]"] += 1
     if node is not None:
         layout = " (tensor cores)" if ctx.target.kind.name == "cuda" else " (dot4)"
+        # the rule that schedules the kernel (its layout and row count now fixed), and why the
+        # rules before it did not apply
+        built = K.choose(describe(ctx.target), K.MatmulSpec(activation, kind, k, n, block, rows=rows, dot4=dot4))
         report.layers[node] = {"kernel": f"{activation} x {kind}" + (layout if dot4 else ""), "activation": activation,
-                               "status": "emulated" if emulated else "native", "reason": emulated}
+                               "status": "emulated" if emulated else "native", "reason": emulated,
+                               "rule": built.rule.name, "rules_refused": built.refused}
     return y2 if len(shape) == 2 else relax.op.reshape(y2, [*shape[:-1], n])
 
 

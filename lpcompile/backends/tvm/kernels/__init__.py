@@ -5,7 +5,8 @@
     ex["main"](x, INT4.pack(q, 4096), scales, y)
 
 One compute definition per kernel (`compute`) feeds every target; `schedule` picks the target's
-schedule from a table keyed by the target kind (`cpu` for llvm, `cuda`).
+schedule from a table keyed by the target kind (`cpu` for llvm, `cuda`); a matmul's kernel (and
+its weight layout) is the first rule of the target's ordered list that applies (`rules`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Mapping
 import tvm
 from tvm import tirx
 
-from lpcompile.backends.tvm.kernels import cpu, cuda, mma
+from lpcompile.backends.tvm.kernels import cpu, cuda
 from lpcompile.backends.tvm.kernels.compute import (
     FLOAT8,
     KERNEL_ATTR,
@@ -29,6 +30,7 @@ from lpcompile.backends.tvm.kernels.compute import (
     quantized_matmul,
 )
 from lpcompile.backends.tvm.kernels.packing import BLOCK, DOT4, INT4, NIB8, Int4Layout, blocked_scales, onnx_weight_to_kn
+from lpcompile.backends.tvm.kernels.rules import MatmulSpec, choose
 from lpcompile.backends.tvm.target import FP8_MIN_SM, supports_fp8
 from lpcompile.errors import TargetError
 
@@ -55,7 +57,8 @@ __all__ = [
     "quantize_tensor",
     "quantized_matmul",
     "schedule",
-    "use_dot4",
+    "MatmulSpec",
+    "choose",
 ]
 
 SCHEDULERS = {"llvm": cpu.schedule, "cuda": cuda.schedule}
@@ -65,19 +68,6 @@ SCHEDULERS = {"llvm": cpu.schedule, "cuda": cuda.schedule}
 # quantization rounding away from the CPU/ONNX reference. lpcompile compiles without it
 # (TVM_CUDA_NVCC_NO_FAST_MATH), precise division, square root and denormals spelled out too.
 CUDA_PRECISE_MATH = ["-prec-div=true", "-prec-sqrt=true", "-ftz=false"]
-
-
-def use_dot4(target: tvm.target.Target, activation: str, weight: str, k: int, k_pad: int, n: int, block: int) -> bool:
-    """Whether a layer's weights go in a dot-product layout (4 consecutive k of one output
-    together): on a CPU with AVX-512 VNNI (`vpdpbusd` multiplies unsigned by signed bytes) for
-    uint8 x int8 (DOT4) and int8 x int4 (NIB8, the weights biased to unsigned); on CUDA for the
-    layers the tensor-core kernel takes (8-bit pairs, see `mma.supported`), whose B fragments are
-    such 4-byte words."""
-    if target.kind.name == "cuda":
-        return mma.supported(target, activation, weight, k, k_pad, n, block)
-    group = {("uint8", "int8"): DOT4.group, ("int8", "int4"): NIB8.group}.get((activation, weight))
-    return (target.kind.name == "llvm" and group is not None and k_pad % group == 0
-            and tvm.target.codegen.target_has_features("avx512vnni", target))
 
 
 def schedule(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:

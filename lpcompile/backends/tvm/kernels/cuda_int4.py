@@ -29,15 +29,10 @@ MAX_ROWS = 4  # rows per block; more rows go to more blocks
 
 
 def applies(func: tirx.PrimFunc, target: tvm.target.Target) -> bool:
-    attrs = func.attrs
-    if attrs is None or attrs.get("lpcompile.kernel") != "quantized_matmul" or target.kind.name != "cuda":
-        return False
-    if attrs.get("lpcompile.weight") != "int4" or attrs.get("lpcompile.activation") != "float32":
-        return False
-    if "y" not in [p.name for p in func.params] or int(attrs["lpcompile.lanes"]) != INT4.lanes:
-        return False
-    k, block = int(attrs["lpcompile.k"]), int(attrs["lpcompile.block"])
-    return k % block == 0 and block % (PHASES * UNROLL) == 0
+    """Whether this kernel takes `func` on `target` (the rule "cuda-int4-split-k" of `rules`)."""
+    from lpcompile.backends.tvm.kernels.rules import applies as rule_applies
+
+    return target.kind.name == "cuda" and rule_applies("cuda-int4-split-k", func, target)
 
 
 def int4_gemm(func: tirx.PrimFunc) -> tirx.PrimFunc:

@@ -12,7 +12,7 @@ that definition (a test checks this) and differs only in how a nibble becomes a 
 Decoding is the bottleneck of this memory-light loop: measured on this host (Zen 5, warm weights,
 4096 x 4096, 2 threads) 96 us against 171 us for the generic schedule. TVM's vectorizer cannot
 produce a variable in-register permute from a scalar table lookup, so this loop is written with
-explicit 16-lane vectors; the schedule table picks it only where it applies (AVX-512, M = 1,
+explicit 16-lane vectors; the rule list (`rules.CPU_RULES`) picks it only where it applies (AVX-512, M = 1,
 N a multiple of 128, K a multiple of the block), the generic schedule everywhere else.
 """
 
@@ -30,22 +30,10 @@ PERMUTE = "llvm.x86.avx512.permvar.sf.512"
 
 
 def applies(func: tirx.PrimFunc, target: tvm.target.Target) -> bool:
-    attrs = func.attrs
-    if attrs is None or attrs.get("lpcompile.weight") != "int4" or attrs.get("lpcompile.activation") != "float32":
-        return False
-    if "y" not in [p.name for p in func.params]:  # accumulator_only variants keep the generic path
-        return False
-    m = func.params[0].shape[0]
-    k, n, block = int(attrs["lpcompile.k"]), int(attrs["lpcompile.n"]), int(attrs["lpcompile.block"])
-    return (
-        isinstance(m, tirx.IntImm)
-        and int(m) == 1
-        and int(attrs["lpcompile.tile_n"]) == INT4.tile
-        and n % INT4.tile == 0
-        and k % block == 0
-        and block % K_UNROLL == 0
-        and tvm.target.codegen.target_has_features("avx512f", target)
-    )
+    """Whether this GEMV takes `func` on `target` (the rule "avx512-int4-gemv" of `rules`)."""
+    from lpcompile.backends.tvm.kernels.rules import applies as rule_applies
+
+    return rule_applies("avx512-int4-gemv", func, target)
 
 
 def int4_gemv(func: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -108,14 +96,10 @@ VECS = 4  # 16-lane output vectors per micro-tile: 4 x 4 int32x16 accumulators i
 
 
 def applies_dot4(func: tirx.PrimFunc, target: tvm.target.Target) -> bool:
-    attrs = func.attrs
-    if attrs is None or not attrs.get("lpcompile.dot4") or attrs.get("lpcompile.activation") != "uint8":
-        return False
-    if "y" not in [p.name for p in func.params] or "w_colsum" not in [p.name for p in func.params]:
-        return False
-    k, n, block = int(attrs["lpcompile.k"]), int(attrs["lpcompile.n"]), int(attrs["lpcompile.block"])
-    return (block == k and k % 4 == 0 and n % (LANES * VECS) == 0
-            and tvm.target.codegen.target_has_features("avx512vnni", target))
+    """Whether this GEMM takes `func` on `target` (the rule "vnni-u8s8-gemm" of `rules`)."""
+    from lpcompile.backends.tvm.kernels.rules import applies as rule_applies
+
+    return rule_applies("vnni-u8s8-gemm", func, target)
 
 
 def u8s8_dot4_gemm(func: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -175,14 +159,10 @@ def u8s8_dot4_gemm(func: tirx.PrimFunc) -> tirx.PrimFunc:
 
 
 def applies_w4a8(func: tirx.PrimFunc, target: tvm.target.Target) -> bool:
-    attrs = func.attrs
-    if attrs is None or not attrs.get("lpcompile.dot4") or attrs.get("lpcompile.weight") != "int4":
-        return False
-    if "y" not in [p.name for p in func.params]:
-        return False
-    k, n, block = int(attrs["lpcompile.k"]), int(attrs["lpcompile.n"]), int(attrs["lpcompile.block"])
-    return (k % block == 0 and block % 8 == 0 and n % (LANES * VECS) == 0
-            and tvm.target.codegen.target_has_features("avx512vnni", target))
+    """Whether this GEMM takes `func` on `target` (the rule "vnni-w4a8-gemm" of `rules`)."""
+    from lpcompile.backends.tvm.kernels.rules import applies as rule_applies
+
+    return rule_applies("vnni-w4a8-gemm", func, target)
 
 
 def w4a8_dot4_gemm(func: tirx.PrimFunc) -> tirx.PrimFunc:
