@@ -127,12 +127,12 @@ def int4_linear(k: int, n: int, rows: int, count: int, x: np.ndarray):
     """The layer behind the transform: INT4 weights, block 128, `count` distinct weight sets."""
     import tvm
 
-    from lpcompile.backends.tvm.kernels import INT4, build, quantized_matmul
+    from lpcompile.backends.tvm.kernels import NIBBLE, build, quantized_matmul
     from lpcompile.backends.tvm.target import host_target
 
     fn = build(quantized_matmul(1 if rows == 1 else None, k, n, weight="int4", block_size=BLOCK), host_target(THREADS))["main"]
     rng = np.random.default_rng(k + n)
-    shape = INT4.packed_shape(k, n)
+    shape = NIBBLE.packed_shape(k, n)
     ws = [tvm.runtime.tensor(rng.integers(0, 2**32, shape, dtype=np.uint32)) for _ in range(count)]
     ss = [tvm.runtime.tensor(rng.uniform(0.01, 0.02, (k // BLOCK, n)).astype(np.float32)) for _ in range(count)]
     xt = tvm.runtime.tensor(x)

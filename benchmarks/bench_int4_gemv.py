@@ -46,17 +46,17 @@ SHAPES = [(4096, 4096), (4096, 11008)]
 def tvm_impl(k: int, n: int, count: int, check):
     import tvm
 
-    from lpcompile.backends.tvm.kernels import INT4, build, quantized_matmul
+    from lpcompile.backends.tvm.kernels import NIBBLE, build, quantized_matmul
     from lpcompile.backends.tvm.target import host_target
 
     fn = build(quantized_matmul(1, k, n, weight="int4", block_size=BLOCK), host_target(THREADS))["main"]
     rng = np.random.default_rng(1)
-    shape = INT4.packed_shape(k, n)
+    shape = NIBBLE.packed_shape(k, n)
     ws = [tvm.runtime.tensor(rng.integers(0, 2**32, shape, dtype=np.uint32)) for _ in range(count)]
     ss = [tvm.runtime.tensor(rng.uniform(0.01, 0.02, (k // BLOCK, n)).astype(np.float32)) for _ in range(count)]
     x = tvm.runtime.tensor(check.x)
     y = tvm.runtime.tensor(np.zeros((1, n), np.float32))
-    ws[0] = tvm.runtime.tensor(INT4.pack(check.q, k))
+    ws[0] = tvm.runtime.tensor(NIBBLE.pack(check.q, k))
     ss[0] = tvm.runtime.tensor(check.scale)
     fn(x, ws[0], ss[0], y)
     check.record("lpcompile_tvm", y.numpy())

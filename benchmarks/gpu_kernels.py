@@ -85,14 +85,14 @@ def _case(spec, m, k, n, rng):
     """Inputs (in the definition's parameter order) and numpy's expected output."""
     import ml_dtypes
 
-    from lpcompile.backends.tvm.kernels import DOT4, INT4
+    from lpcompile.backends.tvm.kernels import DOT4, NIBBLE
 
     act, wt, dot4, block, _ = spec
     blk = block or k
     nb = k // blk
     if wt == "int4":
         q = rng.integers(-8, 8, (k, n)).astype(np.int8)
-        w = INT4.pack(q, k)
+        w = NIBBLE.pack(q, k)
     elif wt == "int8":
         q = rng.integers(-128, 128, (k, n)).astype(np.int8)
         w = DOT4.pack(q, k) if dot4 else q

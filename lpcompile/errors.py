@@ -23,3 +23,9 @@ class PassError(LpcompileError):
 
 class TargetError(LpcompileError):
     """The target cannot run the requested format, or is unknown."""
+
+
+class BackendError(LpcompileError, RuntimeError):
+    """A backend's toolchain failed or behaved otherwise than the backend relies on (a TVM
+    internal that changed: lpcompile is tested with the apache-tvm releases pyproject.toml
+    allows; nvcc rejecting the generated code)."""

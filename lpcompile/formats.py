@@ -94,6 +94,7 @@ __all__ = [
     "INT2",
     "INT4",
     "INT8",
+    "MIN_SCALE",
     "UINT2",
     "UINT4",
     "UINT8",
@@ -692,6 +693,8 @@ def _parse_field(part: str, text: str) -> tuple[int, str, object]:
 
 
 # --- scales --------------------------------------------------------------------------------------
+
+MIN_SCALE = 2.0**-24  # the floor of computed activation scales (per-token ones included, at run time)
 
 
 def symmetric_scale(absmax, fmt: Format) -> np.ndarray:

@@ -46,3 +46,16 @@ def test_static_single_row_matmul_is_parallel_and_vectorized():
     sch = pipeline.CpuFallback().apply(func, host_target(), False)
     text = sch.mod["main"].script()
     assert "T.parallel" in text and "T.vectorized" in text and '"local"' in text
+
+
+def test_an_unexpected_tvm_pipeline_is_a_named_error(monkeypatch):
+    """The CPU pipeline replaces the first pass of TVM 0.27's legalization; a TVM whose order
+    differs is refused with BackendError (a real error, not an assert that python -O strips)."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from lpcompile.errors import BackendError
+
+    stock = cpu.legalize_passes
+    monkeypatch.setattr(cpu, "legalize_passes", lambda target: stock(target)[::-1])
+    with pytest.raises(BackendError, match="LegalizeOps"):
+        pipeline.cpu_pipeline(host_target())(_matmul_module(1, 64, 64))

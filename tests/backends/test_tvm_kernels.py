@@ -10,6 +10,7 @@ nvcc for each supported arch (numerics are the shared compute definitions checke
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 
 import ml_dtypes
@@ -22,8 +23,8 @@ tvm = pytest.importorskip("tvm")
 
 from lpcompile.backends.tvm.kernels import (  # noqa: E402
     DOT4,
-    INT4,
     NIB8,
+    NIBBLE,
     build,
     cuda_binary,
     hadamard_transform,
@@ -214,7 +215,7 @@ def kernel_weight(wq: np.ndarray, ws: np.ndarray, axis: int, block: int | None, 
     q_kn, s, blk = onnx_weight_to_kn(wq, ws, axis=axis, block_size=block, transposed=gemm)
     k_pad = s.shape[0] * blk
     if dtype == "int4":
-        return INT4.pack(q_kn.astype(np.int8), k_pad), s
+        return NIBBLE.pack(q_kn.astype(np.int8), k_pad), s
     padded = np.zeros((k_pad, q_kn.shape[1]), q_kn.dtype)
     padded[: q_kn.shape[0]] = q_kn
     return padded, s
@@ -496,9 +497,9 @@ def test_fp8_codecs_exact(dtype):
 
 def test_int4_pack_roundtrip_and_layout():
     q = np.random.default_rng(0).integers(-8, 8, (200, 300))
-    packed = INT4.pack(q, 256)
+    packed = NIBBLE.pack(q, 256)
     assert packed.shape == (3, 256, 16) and packed.dtype == np.uint32
-    np.testing.assert_array_equal(INT4.unpack(packed, 200, 300), q)
+    np.testing.assert_array_equal(NIBBLE.unpack(packed, 200, 300), q)
     # output j of a tile is nibble j // 16 of word j % 16
     assert (packed[0, 0, 5] >> 8) & 0xF == q[0, 37] & 0xF
 
@@ -623,5 +624,28 @@ def test_cuda_compiles_without_fast_math():
     y = te.compute(x.shape, lambda i: tvm.tirx.power(x[i], tvm.tirx.const(2.0, "float32")), name="elementwise")
     func = te.create_prim_func([x, y]).with_attr({KERNEL_ATTR: "elementwise"})
     target = cuda_target("sm_90")
+    environ = dict(os.environ)
     ptx = cuda_binary(build(func, target), target, "ptx").decode()
     assert "lg2.approx" not in ptx
+    assert dict(os.environ) == environ  # no process-wide switch (TVM's is an environment variable)
+
+
+@needs_nvcc
+def test_nvcc_compile_from_threads_leaves_the_environment_alone():
+    """Several threads compiling CUDA at once: each gets its fatbin, os.environ never changes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lpcompile.backends.tvm.kernels import nvcc_compile
+    from lpcompile.errors import BackendError
+
+    target = cuda_target("sm_90")
+    source = build(quantize_rows(None, 256), target).mod.imports[0].inspect_source()
+    environ = dict(os.environ)
+    with ThreadPoolExecutor(2) as pool:
+        binaries = list(pool.map(lambda fmt: nvcc_compile(source, target, fmt), ["fatbin", "cubin", "fatbin"]))
+    assert all(binaries) and binaries[0] == binaries[2]
+    assert dict(os.environ) == environ
+    with pytest.raises(BackendError, match="nvcc failed"):
+        nvcc_compile("this is not CUDA", target)
+    with pytest.raises(TargetError, match="ptx"):
+        nvcc_compile(source, target, "exe")

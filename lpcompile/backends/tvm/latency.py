@@ -44,7 +44,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,9 +54,11 @@ import tvm
 from tvm import tirx
 
 from lpcompile.backends.tvm import kernels as K
+from lpcompile.backends.tvm.kernels.compute import ROW_CODES
 from lpcompile.backends.tvm.target import describe, resolve
 from lpcompile.errors import TargetError
 from lpcompile.formats import PerBlock, PerTensor, PerToken, QuantSpec
+from lpcompile.progress import Progress
 
 CACHE_ENV = "LPCOMPILE_CACHE"
 CACHE_FILE = "latency.json"
@@ -65,12 +67,11 @@ MIN_REPEAT_MS = 10
 _BACKEND = Path(__file__).resolve().parent
 _SOURCES = sorted((_BACKEND / "kernels").glob("*.py")) + [_BACKEND / n for n in ("lower.py", "pipeline.py", "latency.py")]
 
-# format names -> the lowering's kernel dtypes
-_WEIGHT_KINDS = {"int4": "int4", "int8": "int8", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
-_TENSOR_ACTS = {"int8": "int8", "uint8": "uint8", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
-_ROW_ACTS = ("int8", "int4")  # PerTokenQDQ_int8 / _int4: codes carried in int8
-
-Progress = Callable[[str, int, int], None]
+# The kernels' dtypes are the formats' dtype names (formats.dtype_name: TVM names dtypes as
+# ml_dtypes does); which weights and static activations a kernel takes is the kernels' PAIRS table.
+_WEIGHT_KINDS = frozenset(w for _, w in K.PAIRS)
+_TENSOR_ACTS = frozenset(a for (a, _), pair in K.PAIRS.items() if pair.act_scale == "tensor")
+_ROW_ACTS = tuple(ROW_CODES)  # PerTokenQDQ_int8 / _int4: codes carried in int8
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,8 @@ def kernels_for(target: tvm.target.Target, shape: LinearShape, weights: QuantSpe
         if activations is not None:
             return f"float weights with {activations.format.name} inputs have no kernel (quantize-dequantize, then float)"
         return [Kernel("float_matmul", rows, static, k, n)]
-    kind = _WEIGHT_KINDS.get(weights.format.name)
-    if kind is None:
+    kind = weights.format.dtype_name
+    if kind not in _WEIGHT_KINDS:
         return f"no kernel for {weights.format.name} weights"
     if not weights.symmetric:
         return "asymmetric weights have no kernel (they run in float)"
@@ -137,8 +138,9 @@ def kernels_for(target: tvm.target.Target, shape: LinearShape, weights: QuantSpe
         if isinstance(activations.granularity, PerToken) and activations.dynamic and fmt in _ROW_ACTS:
             act = ("int8", "row")
             quantize = [Kernel("quantize_rows", rows, False, k, activation=fmt)]
-        elif isinstance(activations.granularity, PerTensor) and not activations.dynamic and fmt in _TENSOR_ACTS:
-            act = (_TENSOR_ACTS[fmt], "tensor")
+        elif (isinstance(activations.granularity, PerTensor) and not activations.dynamic
+              and activations.format.dtype_name in _TENSOR_ACTS):
+            act = (activations.format.dtype_name, "tensor")
             quantize = [Kernel("quantize_tensor", rows, False, k, activation=act[0])]
         else:
             return f"no kernel takes {activations} inputs"

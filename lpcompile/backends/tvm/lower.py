@@ -29,7 +29,6 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
-import ml_dtypes
 import numpy as np
 import onnx
 import tvm
@@ -41,21 +40,19 @@ from lpcompile.backends.tvm import kernels as K
 from lpcompile.backends.tvm.kernels.compute import FLOAT8
 from lpcompile.backends.tvm.target import describe
 from lpcompile.errors import ModelError
+from lpcompile.formats import INT4, UINT4
 
 log = logging.getLogger(__name__)
 
-DOMAIN = "ai.lpcompile"
 OPAQUE = 8  # relax OpPatternKind.kOpaque: never fuse other ops into a scheduled kernel
 EXTERNAL_KERNEL = "lpcompile.external_kernel"  # a PrimFunc compiled apart from the relax module
-_ML_DTYPES = {
-    onnx.TensorProto.INT4: ("int4", ml_dtypes.int4),
-    onnx.TensorProto.UINT4: ("uint4", ml_dtypes.uint4),
-}
+_ML_DTYPES = {int(f.onnx_type): (f.dtype_name, f.numpy_dtype) for f in (INT4, UINT4)}  # ONNX type -> (name, numpy)
 
 
 @dataclass
-class QuantizedWeight:
-    """A constant `DequantizeLinear` input, kept in its integer / fp8 form (numpy)."""
+class ConstantDequantize:
+    """A `DequantizeLinear` of constants (a quantized weight as the ONNX model stores it): its
+    inputs in numpy, the codes in their integer / fp8 form, and its attributes."""
 
     q: np.ndarray  # values as stored (int4/uint4 widened to int8/uint8), ONNX layout
     dtype: str  # "int4", "int8", "float8_e4m3fn", "float8_e5m2", ...
@@ -96,7 +93,7 @@ class _Context:
     def __init__(self, target: tvm.target.Target, bb: relax.BlockBuilder):
         self.target = target
         self.bb = bb
-        self.weights: dict[relax.Expr, QuantizedWeight] = {}
+        self.weights: dict[relax.Expr, ConstantDequantize] = {}
         self.acts: dict[relax.Expr, QuantizedActivation] = {}
         self.pending_q: dict[relax.Expr, tuple] = {}  # QuantizeLinear output -> (q [m, k], dtype, shape)
         self.low_bit_consts: dict[relax.Expr, tuple[str, np.ndarray]] = {}
@@ -164,7 +161,7 @@ def _static(v) -> int | None:
     return int(v) if isinstance(v, (int, tirx.IntImm)) else None
 
 
-def _dequantize_numpy(w: QuantizedWeight) -> np.ndarray:
+def _dequantize_numpy(w: ConstantDequantize) -> np.ndarray:
     """ONNX DequantizeLinear on constants, exactly (fp8 decoded by ml_dtypes)."""
     q = w.q.astype(np.float32)
     scale, zp = w.scale.astype(np.float32), w.zero_point
@@ -206,7 +203,7 @@ class DequantizeLinear(ox.DequantizeLinear):
         cz = _const_array(ctx, zp) if zp is not None else None
         if cx is not None and cs is not None and (zp is None or cz is not None):
             dtype, q = cx
-            w = QuantizedWeight(
+            w = ConstantDequantize(
                 q=q, dtype=dtype, scale=cs[1], zero_point=None if cz is None else cz[1],
                 axis=int(attr.get("axis", 1)), block_size=int(attr.get("block_size", 0)) or None,
             )
@@ -560,7 +557,7 @@ def _lower_linear(ctx: _Context, a: relax.Expr, b: relax.Expr, *, transposed: bo
     if kind == "int4" and dot4:
         packed = K.NIB8.pack(q_kn.astype(np.int8), k_pad)
     elif kind == "int4":
-        packed = K.INT4.pack(q_kn.astype(np.int8), k_pad)
+        packed = K.NIBBLE.pack(q_kn.astype(np.int8), k_pad)
     elif dot4:
         packed = K.DOT4.pack(q_kn, k_pad)
     else:
@@ -631,7 +628,7 @@ class Gather(ox.Gather):
 _GATHER_DTYPES = ("int4", "uint4", "int8", "uint8", *FLOAT8)
 
 
-def _gather_refusal(w: QuantizedWeight, axis: int) -> str | None:
+def _gather_refusal(w: ConstantDequantize, axis: int) -> str | None:
     if axis != 0 or w.q.ndim != 2:
         return "only axis-0 gathers from 2-D tables keep their low-bit form"
     if w.dtype not in _GATHER_DTYPES:
@@ -646,7 +643,7 @@ def _gather_refusal(w: QuantizedWeight, axis: int) -> str | None:
     return None
 
 
-def _gather_rows(ctx: _Context, w: QuantizedWeight, indices: relax.Expr) -> relax.Expr:
+def _gather_rows(ctx: _Context, w: ConstantDequantize, indices: relax.Expr) -> relax.Expr:
     bb, op = ctx.bb, relax.op
     v, d = w.q.shape
     four = w.dtype in ("int4", "uint4")

@@ -15,6 +15,8 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import try_inline
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
+from lpcompile.errors import BackendError
+
 VECTOR = 16  # fp32 lanes of an AVX-512 register; LLVM splits it on narrower machines
 
 
@@ -159,11 +161,16 @@ def cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     schedule step after fusion."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    with target:
+        legalize = cpu.legalize_passes(target)
+    if not legalize or legalize[0].info.name != "LegalizeOps":  # TVM 0.27's order; replaced below
+        # (checked here: an error raised inside the module pass reaches the caller as RuntimeError)
+        raise BackendError("TVM's CPU pipeline no longer starts its legalization with LegalizeOps "
+                           f"(got {[p.info.name for p in legalize]}); lpcompile supports apache-tvm 0.27")
+
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext):
         with target:
-            legalize = cpu.legalize_passes(target)
-            assert legalize[0].info.name == "LegalizeOps", legalize[0].info.name  # TVM 0.27's order
             seq = tvm.transform.Sequential(
                 cpu.library_dispatch_passes(target)
                 + [relax.transform.LegalizeOps(FAST_MATH)]

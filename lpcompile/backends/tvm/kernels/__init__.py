@@ -2,7 +2,7 @@
 
     func = quantized_matmul(None, 4096, 4096, weight="int4", block_size=128)  # m symbolic
     ex = build(func, host_target())            # scheduled for the target, compiled
-    ex["main"](x, INT4.pack(q, 4096), scales, y)
+    ex["main"](x, NIBBLE.pack(q, 4096), scales, y)
 
 One compute definition per kernel (`compute`) feeds every target; `schedule` picks the target's
 schedule from a table keyed by the target kind (`cpu` for llvm, `cuda`); a matmul's kernel (and
@@ -20,6 +20,7 @@ from lpcompile.backends.tvm.kernels import cpu, cuda
 from lpcompile.backends.tvm.kernels.compute import (
     FLOAT8,
     KERNEL_ATTR,
+    KERNEL_FORMATS,
     PAIRS,
     code_storage,
     dequantize_linear,
@@ -29,21 +30,22 @@ from lpcompile.backends.tvm.kernels.compute import (
     quantize_tensor,
     quantized_matmul,
 )
-from lpcompile.backends.tvm.kernels.packing import BLOCK, DOT4, INT4, NIB8, Int4Layout, blocked_scales, onnx_weight_to_kn
+from lpcompile.backends.tvm.kernels.packing import BLOCK, DOT4, NIB8, NIBBLE, NibbleLayout, blocked_scales, onnx_weight_to_kn
 from lpcompile.backends.tvm.kernels.rules import MatmulSpec, choose
 from lpcompile.backends.tvm.target import FP8_MIN_SM, supports_fp8
-from lpcompile.errors import TargetError
+from lpcompile.errors import BackendError, TargetError
 
 __all__ = [
     "BLOCK",
     "DOT4",
     "FLOAT8",
-    "INT4",
     "NIB8",
+    "NIBBLE",
     "KERNEL_ATTR",
+    "KERNEL_FORMATS",
     "PAIRS",
     "CUDA_PRECISE_MATH",
-    "Int4Layout",
+    "NibbleLayout",
     "blocked_scales",
     "build",
     "code_storage",
@@ -65,9 +67,19 @@ SCHEDULERS = {"llvm": cpu.schedule, "cuda": cuda.schedule}
 
 # TVM hands nvcc --use_fast_math, which turns powf into __powf (NaN for a negative base: measured
 # on an H200, LLaMA's RMSNorm x^2 came out NaN) and expf/logf/division into approximations that move
-# quantization rounding away from the CPU/ONNX reference. lpcompile compiles without it
-# (TVM_CUDA_NVCC_NO_FAST_MATH), precise division, square root and denormals spelled out too.
+# quantization rounding away from the CPU/ONNX reference. lpcompile runs nvcc itself (`nvcc_compile`)
+# with TVM's other flags and without it, precise division, square root and denormals spelled out too.
+# (TVM's own switch is the process-wide TVM_CUDA_NVCC_NO_FAST_MATH environment variable, which a
+# compiler used from several threads must not toggle.)
 CUDA_PRECISE_MATH = ["-prec-div=true", "-prec-sqrt=true", "-ftz=false"]
+# What tvm.support.nvcc (0.27) passes besides --use_fast_math: half/bfloat16 operators enabled in
+# cuda_fp16.h / cuda_bf16.h, and its ptxas register-usage level.
+NVCC_FLAGS = ["-O3", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+              "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+              "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
+              "--expt-relaxed-constexpr", "--expt-extended-lambda",
+              "--ptxas-options=--register-usage-level=10,--warn-on-local-memory-usage"]
+NVCC_FORMATS = ("cubin", "fatbin", "ptx")
 
 
 def schedule(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
@@ -91,22 +103,30 @@ def build(funcs: tirx.PrimFunc | Mapping[str, tirx.PrimFunc], target: tvm.target
 
 
 def nvcc_compile(source: str, target: tvm.target.Target, fmt: str = "fatbin") -> bytes:
-    """CUDA source -> cubin / fatbin / ptx for the target's arch, with nvcc and precise math."""
-    import os
+    """CUDA source -> cubin / fatbin / ptx for the target's arch, with nvcc (the one on PATH) and
+    precise math. Nothing process-wide changes: safe to call from several threads."""
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
 
-    from tvm.support import nvcc
-
-    saved = os.environ.get("TVM_CUDA_NVCC_NO_FAST_MATH")
-    os.environ["TVM_CUDA_NVCC_NO_FAST_MATH"] = "1"
-    try:
-        with target:
-            return bytes(nvcc.compile_cuda(source, target_format=fmt, arch=str(target.attrs["arch"]),
-                                           options=CUDA_PRECISE_MATH, compiler="nvcc"))
-    finally:
-        if saved is None:
-            del os.environ["TVM_CUDA_NVCC_NO_FAST_MATH"]
-        else:
-            os.environ["TVM_CUDA_NVCC_NO_FAST_MATH"] = saved
+    if fmt not in NVCC_FORMATS:
+        raise TargetError(f"nvcc output must be one of {', '.join(NVCC_FORMATS)}, got {fmt!r}")
+    if target.kind.name != "cuda":
+        raise TargetError(f"nvcc compiles for CUDA targets, not {target.kind.name}")
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise TargetError("CUDA targets are compiled with nvcc, which is not on PATH")
+    with tempfile.TemporaryDirectory(prefix="lpcompile-nvcc-") as tmp:
+        src, out = Path(tmp) / "kernels.cu", Path(tmp) / f"kernels.{fmt}"
+        src.write_text(source)
+        cmd = [nvcc, f"--{fmt}", "-arch", str(target.attrs["arch"]), *NVCC_FLAGS, *CUDA_PRECISE_MATH,
+               "-o", str(out), str(src)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0 or not out.is_file() or out.stat().st_size == 0:
+            raise BackendError(f"nvcc failed ({proc.returncode}) on the generated CUDA source: "
+                               f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
+        return out.read_bytes()
 
 
 def cuda_binary(ex: tvm.runtime.Executable, target: tvm.target.Target, fmt: str = "cubin") -> bytes:

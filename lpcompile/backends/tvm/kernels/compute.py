@@ -14,43 +14,36 @@ Which (activation, weight) pairs exist is a table (`PAIRS`), not a ladder: float
 activations with any weight format (weight-only dequantization in registers), int8 activations
 with int8/int4 weights (integer accumulation), fp8 activations with fp8 weights.
 
-The kernels take the weights in the layouts of `packing`: int4 as `Int4Layout` tiles, 8-bit
+The kernels take the weights in the layouts of `packing`: int4 as `NibbleLayout` tiles, 8-bit
 weights row-major [K_pad, N]. Dimension m (rows = tokens) may be symbolic.
+
+Kernels name their operands by TVM dtype ("int8", "float8_e4m3fn", ...); ranges, FP8 bit
+layouts and largest finite values come from `lpcompile.formats` (`KERNEL_FORMATS`), never
+restated here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from tvm import te, tirx
 
-from lpcompile.backends.tvm.kernels.packing import DOT4, INT4, NIB8, Int4Layout, ceil_div
+from lpcompile.backends.tvm.kernels.packing import DOT4, NIB8, NIBBLE, NibbleLayout, ceil_div
 from lpcompile.errors import TargetError
+from lpcompile.formats import FP8_E4M3, FP8_E5M2, INT4, INT8, MIN_SCALE, UINT4, UINT8, FloatFormat, IntFormat
 
 KERNEL_ATTR = "lpcompile.kernel"
 
-FLOAT8 = {"float8_e4m3fn": 448.0, "float8_e5m2": 57344.0}
-
-
-@dataclass(frozen=True)
-class Fp8Bits:
-    """Bit layout of an FP8 format, for the integer-only encode/decode below."""
-
-    man: int  # mantissa bits
-    bias: int
-    max_code: int  # magnitude code of the largest finite value
-    nan_code: int  # magnitude code written for NaN
-
-
-FP8_BITS = {
-    "float8_e4m3fn": Fp8Bits(man=3, bias=7, max_code=0x7E, nan_code=0x7F),  # no inf; S.1111.111 is NaN
-    "float8_e5m2": Fp8Bits(man=2, bias=15, max_code=0x7B, nan_code=0x7F),  # S.11111.00 is inf
+# The number formats the kernels take, by TVM dtype (TVM names its dtypes as ml_dtypes does).
+KERNEL_FORMATS: dict[str, IntFormat | FloatFormat] = {
+    f.dtype_name: f for f in (INT4, UINT4, INT8, UINT8, FP8_E4M3, FP8_E5M2)
 }
-INT_RANGE = {"int8": (-128, 127), "uint8": (0, 255)}
+FLOAT8: dict[str, FloatFormat] = {d: f for d, f in KERNEL_FORMATS.items() if isinstance(f, FloatFormat)}
+INT_RANGE = {d: (KERNEL_FORMATS[d].qmin, KERNEL_FORMATS[d].qmax) for d in ("int8", "uint8")}
 # Per-token codes: int4 activations are held one per int8 (the int8 x weight kernels take them as
 # they are; their range is a subset), so only the grid differs.
-ROW_CODES = {"int8": (-128, 127), "int4": (-8, 7)}
-TINY_SCALE = 2.0**-24  # the per-token scale floor the quantize pass writes
+ROW_CODES = {d: (KERNEL_FORMATS[d].qmin, KERNEL_FORMATS[d].qmax) for d in ("int8", "int4")}
 ROW_TILE = 4  # symbolic row counts are padded to this for the accumulation
 
 
@@ -80,7 +73,7 @@ def dim(v: int | tirx.PrimExpr | None, name: str = "m") -> tirx.PrimExpr:
     return v
 
 
-def _decode_int4(packed: te.Tensor, layout: Int4Layout, dtype: str):
+def _decode_int4(packed: te.Tensor, layout: NibbleLayout, dtype: str):
     tile, lanes = layout.tile, layout.lanes
 
     def f(k, n):
@@ -101,7 +94,7 @@ def quantized_matmul(
     activation: str = "float32",
     block_size: int | None = None,
     accumulator_only: bool = False,
-    layout: Int4Layout = INT4,
+    layout: NibbleLayout = NIBBLE,
     dot4: bool = False,
 ) -> tirx.PrimFunc:
     """y[m, n] = x[m, k] @ dequant(w)[k, n], with the quantized operands decoded in the kernel.
@@ -148,7 +141,7 @@ def quantized_matmul(
 
         def decode_f(kk, nn):
             byte = w[nn // NIB8.lanes, kk // NIB8.group, nn % NIB8.lanes, kk % 4].astype("int32")
-            return ((byte >> (kk % NIB8.group // 4 * 4)) & 15) - 8
+            return ((byte >> (kk % NIB8.group // 4 * 4)) & 15) - NIB8.offset
     elif weight == "int4":
         w = te.placeholder(tuple(dim(d) for d in layout.packed_shape(k_pad, n)), "uint32", name="w")
         decode_f = _decode_int4(w, layout, pair.acc)
@@ -263,7 +256,7 @@ def quantize_tensor(m: int | tirx.PrimExpr | None, k: int, dtype: str) -> tirx.P
 
 def quantize_rows(m: int | tirx.PrimExpr | None, k: int, dtype: str = "int8") -> tirx.PrimFunc:
     """Dynamic per-token quantization (the `PerTokenQDQ_int8` / `_int4` functions): for each row,
-    scale = max(max|x| / qmax, 2^-24), q = saturate(round_half_even(x / scale)), qmax 127 or 7.
+    scale = max(max|x| / qmax, formats.MIN_SCALE), q = saturate(round_half_even(x / scale)), qmax 127 or 7.
 
     x [m, k] float32 -> q [m, k] int8 (int4 codes held in int8), scale [m] float32.
     """
@@ -276,7 +269,7 @@ def quantize_rows(m: int | tirx.PrimExpr | None, k: int, dtype: str = "int8") ->
     amax = te.compute((m_,), lambda i: te.max(tirx.abs(x[i, r]), axis=r), name="amax")
 
     def row_scale(i):
-        return tirx.max(amax[i] / tirx.const(float(hi), "float32"), tirx.const(TINY_SCALE, "float32"))
+        return tirx.max(amax[i] / tirx.const(float(hi), "float32"), tirx.const(MIN_SCALE, "float32"))
 
     q = te.compute(
         (m_, k_), lambda i, j: _saturate_int(tirx.nearbyint(x[i, j] / row_scale(i)), lo, hi, "int8"), name="quantize"
@@ -409,38 +402,48 @@ def _u32(v: int):
     return tirx.const(v, "uint32")
 
 
+F32_MAN, F32_BIAS = 23, 127  # float32's mantissa bits and exponent bias
+
+
+def _magnitude_mask(f: FloatFormat) -> int:
+    return (1 << (f.exp_bits + f.man_bits)) - 1  # every bit but the sign
+
+
 def fp8_to_float32(value, dtype: str):
     """The exact fp32 value of an FP8 element (`value` is an expression of dtype `dtype`)."""
-    f = FP8_BITS[dtype]
+    f = FLOAT8[dtype]
     b = tirx.reinterpret("uint8", value).astype("uint32")
-    mag = b & _u32(0x7F)
-    sign = (b & _u32(0x80)) << _u32(24)
-    normal = tirx.reinterpret("float32", (mag << _u32(23 - f.man)) + _u32((127 - f.bias) << 23))
-    subnormal = mag.astype("float32") * tirx.const(2.0 ** (1 - f.bias - f.man), "float32")
-    v = _select(mag < _u32(1 << f.man), subnormal, normal)
-    if f.max_code < 0x7C:  # E5M2: the top exponent is inf (mantissa 0) or NaN
-        v = _select(mag >= _u32(0x7C), _select(mag == _u32(0x7C), tirx.const(float("inf"), "float32"), tirx.const(float("nan"), "float32")), v)
+    mag = b & _u32(_magnitude_mask(f))
+    sign = (b & _u32(1 << (f.bits - 1))) << _u32(32 - f.bits)
+    normal = tirx.reinterpret("float32", (mag << _u32(F32_MAN - f.man_bits)) + _u32((F32_BIAS - f.bias) << F32_MAN))
+    subnormal = mag.astype("float32") * tirx.const(f.min_subnormal, "float32")
+    v = _select(mag < _u32(1 << f.man_bits), subnormal, normal)
+    if f.has_inf:  # E5M2: the top exponent is inf (mantissa 0) or NaN
+        v = _select(mag >= _u32(f.inf_code), _select(mag == _u32(f.inf_code), tirx.const(float("inf"), "float32"), tirx.const(float("nan"), "float32")), v)
     else:  # E4M3FN: only S.1111.111 is special (NaN)
         v = _select(mag == _u32(f.nan_code), tirx.const(float("nan"), "float32"), v)
     return tirx.reinterpret("float32", tirx.reinterpret("uint32", v) | sign)
 
 
 def float32_to_fp8(v, dtype: str):
-    """fp32 -> FP8, round to nearest even, saturating to the largest finite value, NaN -> NaN."""
-    f = FP8_BITS[dtype]
+    """fp32 -> FP8, round to nearest even, saturating to the largest finite value, NaN -> NaN.
+
+    A NaN is written with every magnitude bit set (S.1111.111, S.11111.11), a NaN in both formats
+    (E4M3FN's only one; `formats.FP8_E5M2.nan_code`, as ml_dtypes, is S.11111.10)."""
+    f = FLOAT8[dtype]
     bits = tirx.reinterpret("uint32", v)
-    sign = (bits >> _u32(24)) & _u32(0x80)
-    a = tirx.min(tirx.abs(v), tirx.const(FLOAT8[dtype], "float32"))
+    sign = (bits >> _u32(32 - f.bits)) & _u32(1 << (f.bits - 1))
+    a = tirx.min(tirx.abs(v), tirx.const(f.max_finite, "float32"))
     abits = tirx.reinterpret("uint32", a)
-    shift = 23 - f.man
+    shift = F32_MAN - f.man_bits
     # normal: round the fp32 mantissa to `man` bits (ties to even), then rebias the exponent
     rounded = (abits + _u32((1 << (shift - 1)) - 1) + ((abits >> _u32(shift)) & _u32(1))) >> _u32(shift)
-    normal = rounded - _u32((127 - f.bias) << f.man)
+    normal = rounded - _u32((F32_BIAS - f.bias) << f.man_bits)
     # subnormal: a multiple of the smallest subnormal step, rounded to nearest even
-    subnormal = tirx.nearbyint(a * tirx.const(2.0 ** (f.bias - 1 + f.man), "float32")).astype("uint32")
-    code = _select(a < tirx.const(2.0 ** (1 - f.bias), "float32"), subnormal, normal)
+    subnormal = tirx.nearbyint(a * tirx.const(1.0 / f.min_subnormal, "float32")).astype("uint32")
+    code = _select(a < tirx.const(f.min_normal, "float32"), subnormal, normal)
     is_nan = (bits & _u32(0x7FFFFFFF)) > _u32(0x7F800000)  # not `v != v`: TVM folds that to false
-    code = _select(is_nan, _u32(f.nan_code), code)
+    code = _select(is_nan, _u32(_magnitude_mask(f)), code)
     return tirx.reinterpret(dtype, (code | sign).astype("uint8"))
 
 
@@ -465,8 +468,8 @@ def has_block(sch, name: str) -> bool:
 # holds outside the fused linear layers, and what ONNX's own node tests exercise. 4-bit codes
 # travel one per byte (int8 / uint8 storage); `code` names the real type, which sets the range.
 
-CODE_RANGE = {"int4": (-8, 7), "uint4": (0, 15), "int8": (-128, 127), "uint8": (0, 255),
-              "int16": (-32768, 32767), "uint16": (0, 65535)}
+CODE_RANGE = {**{d: (f.qmin, f.qmax) for d, f in KERNEL_FORMATS.items() if isinstance(f, IntFormat)},
+              **{d: (int(np.iinfo(d).min), int(np.iinfo(d).max)) for d in ("int16", "uint16")}}
 CODE_STORAGE = {"int4": "int8", "uint4": "uint8"}
 
 

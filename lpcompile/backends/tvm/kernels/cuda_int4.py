@@ -1,7 +1,7 @@
 """CUDA kernel for float x int4 (W4A16) with few rows: the decode GEMV and small GEMMs.
 
 The arithmetic of `compute.quantized_matmul(m, K, N, weight="int4", block_size=B)` (weights in
-`packing.INT4` tiles: word [tile, k, lane] holds the 8 nibbles of outputs tile*128 + lane + 16h at
+`packing.NIBBLE` tiles: word [tile, k, lane] holds the 8 nibbles of outputs tile*128 + lane + 16h at
 row k): y = sum over K blocks b of (sum over the block's k of x * w) * w_scale[b, n].
 
 The plain schedule gives one thread per output and walks all of K in it: 32 blocks for a
@@ -19,9 +19,9 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from lpcompile.backends.tvm.kernels.packing import INT4
+from lpcompile.backends.tvm.kernels.packing import NIBBLE
 
-LANES = 8  # word lanes per block: half an INT4 tile, 64 outputs
+LANES = 8  # word lanes per block: half a NIBBLE tile, 64 outputs
 PHASES = 32  # threads splitting K per lane
 THREADS = LANES * PHASES
 UNROLL = 4
@@ -41,9 +41,9 @@ def int4_gemm(func: tirx.PrimFunc) -> tirx.PrimFunc:
     k, n, block = int(attrs["lpcompile.k"]), int(attrs["lpcompile.n"]), int(attrs["lpcompile.block"])
     m = func.params[0].shape[0]
     rows = 1 if isinstance(m, tirx.IntImm) and int(m) == 1 else MAX_ROWS
-    nb, tiles = k // block, (n + INT4.tile - 1) // INT4.tile
+    nb, tiles = k // block, (n + NIBBLE.tile - 1) // NIBBLE.tile
     per_block = block // PHASES  # rows of K a thread takes per K block
-    cols = LANES * INT4.per_word  # outputs per block
+    cols = LANES * NIBBLE.per_word  # outputs per block
     w_shape = tuple(int(d) for d in func.params[1].shape)
 
     @T.prim_func(private=True)
@@ -80,7 +80,7 @@ def int4_gemm(func: tirx.PrimFunc) -> tirx.PrimFunc:
                         for r in T.unroll(rows):
                             for h in T.unroll(8):
                                 out[r * 8 + h] = out[r * 8 + h] + acc[r * 8 + h] * w_scale[
-                                    b, T.min(bc // 2 * INT4.tile + h * INT4.lanes + lane, n - 1)]
+                                    b, T.min(bc // 2 * NIBBLE.tile + h * NIBBLE.lanes + lane, n - 1)]
                     for r in T.unroll(rows):
                         for h in T.unroll(8):  # [phase, row, output of the block]
                             red[(p * rows + r) * cols + h * LANES + tx % LANES] = out[r * 8 + h]
@@ -94,10 +94,10 @@ def int4_gemm(func: tirx.PrimFunc) -> tirx.PrimFunc:
                             # output: row (o*THREADS+tx) // cols; column h*16 + lane of the tile, where
                             # the block's output c = h * LANES + l
                             if br * rows + (o * THREADS + tx) // cols < m and (
-                                    bc // 2 * INT4.tile + (o * THREADS + tx) % cols // LANES * INT4.lanes
+                                    bc // 2 * NIBBLE.tile + (o * THREADS + tx) % cols // LANES * NIBBLE.lanes
                                     + (o * THREADS + tx) % LANES + bc % 2 * LANES) < n:
                                 y[br * rows + (o * THREADS + tx) // cols,
-                                  bc // 2 * INT4.tile + (o * THREADS + tx) % cols // LANES * INT4.lanes
+                                  bc // 2 * NIBBLE.tile + (o * THREADS + tx) % cols // LANES * NIBBLE.lanes
                                   + (o * THREADS + tx) % LANES + bc % 2 * LANES] = s[0]
 
     return kernel.with_attrs(dict(attrs.items()))

@@ -1,6 +1,6 @@
 """Compile-time weight repacking (numpy only): ONNX weight layouts -> the kernels' layouts.
 
-INT4 layout (`Int4Layout`), chosen for the CPU GEMV, which streams the weights once per token:
+The nibble layout (`NIBBLE`, a `NibbleLayout`) of int4 weights, chosen for the CPU GEMV, which streams the weights once per token:
 eight 4-bit values per uint32, tile-major `[ceil(N / 128), K_pad, 16]`. Element (k, n) lives in
 tile `n // 128`; inside the tile, output j = n % 128 is nibble `j // 16` of word `j % 16`.
 
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lpcompile.errors import ModelError
+from lpcompile.formats import INT4
 
 BLOCK = 128
 
@@ -33,8 +34,13 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _check_int4(q: np.ndarray) -> None:
+    if q.size and (q.min() < INT4.qmin or q.max() > INT4.qmax):
+        raise ModelError(f"int4 weights out of range [{INT4.qmin}, {INT4.qmax}]")
+
+
 @dataclass(frozen=True)
-class Int4Layout:
+class NibbleLayout:
     """Signed int4 packed 8 per uint32 in tiles of `lanes * 8` outputs (see the module doc)."""
 
     lanes: int = 16
@@ -48,14 +54,13 @@ class Int4Layout:
         return (ceil_div(n, self.tile), k_pad, self.lanes)
 
     def pack(self, q: np.ndarray, k_pad: int | None = None) -> np.ndarray:
-        """q: integer values in [-8, 7], shape [K, N] -> uint32 [ceil(N/tile), k_pad, lanes]."""
+        """q: int4 values (in [-8, 7]), shape [K, N] -> uint32 [ceil(N/tile), k_pad, lanes]."""
         if q.ndim != 2:
             raise ModelError(f"int4 weights must be 2-D [K, N], got shape {q.shape}")
         k, n = q.shape
         k_pad = k if k_pad is None else k_pad
         q = q.astype(np.int64)
-        if q.size and (q.min() < -8 or q.max() > 7):
-            raise ModelError("int4 weights out of range [-8, 7]")
+        _check_int4(q)
         tiles = ceil_div(n, self.tile)
         full = np.zeros((k_pad, tiles * self.tile), np.int64)
         full[:k, :n] = q
@@ -74,7 +79,7 @@ class Int4Layout:
         return vals[:k, :n].astype(np.int8)
 
 
-INT4 = Int4Layout()
+NIBBLE = NibbleLayout()
 
 
 def blocked_scales(scale: np.ndarray, k: int, n: int, block_size: int | None) -> tuple[np.ndarray, int]:
@@ -160,6 +165,11 @@ class Nibble8Layout:
     lanes: int = 16
     group: int = 8
 
+    @property
+    def offset(self) -> int:
+        """What the stored unsigned nibble adds to the int4 value (8)."""
+        return -INT4.qmin
+
     def packed_shape(self, k_pad: int, n: int) -> tuple[int, int, int, int]:
         return (ceil_div(n, self.lanes), k_pad // self.group, self.lanes, 4)
 
@@ -167,11 +177,10 @@ class Nibble8Layout:
         k, n = q.shape
         if k_pad % self.group or k_pad < k:
             raise ModelError(f"nibble8 layout: K_pad {k_pad} must be a multiple of {self.group} and >= K {k}")
-        if q.size and (q.min() < -8 or q.max() > 7):
-            raise ModelError("int4 weights out of range [-8, 7]")
+        _check_int4(q)
         tiles = ceil_div(n, self.lanes)
-        u = np.full((k_pad, tiles * self.lanes), 8, np.uint8)  # padding: value 0
-        u[:k, :n] = (q.astype(np.int16) + 8).astype(np.uint8)
+        u = np.full((k_pad, tiles * self.lanes), self.offset, np.uint8)  # padding: value 0
+        u[:k, :n] = (q.astype(np.int16) + self.offset).astype(np.uint8)
         u = u.reshape(k_pad // 8, 2, 4, tiles, self.lanes)  # [q, half, j, t, l]
         packed = u[:, 0] | (u[:, 1] << 4)  # [q, j, t, l]
         return np.ascontiguousarray(packed.transpose(2, 0, 3, 1))

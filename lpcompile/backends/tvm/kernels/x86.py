@@ -22,7 +22,7 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from lpcompile.backends.tvm.kernels.packing import INT4
+from lpcompile.backends.tvm.kernels.packing import NIB8, NIBBLE
 
 K_UNROLL = 4
 LANES = 16
@@ -40,7 +40,7 @@ def int4_gemv(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """The AVX-512 GEMV for a `quantized_matmul(1, K, N, weight="int4", ...)` definition."""
     attrs = func.attrs
     k, n, block = int(attrs["lpcompile.k"]), int(attrs["lpcompile.n"]), int(attrs["lpcompile.block"])
-    tiles, nb, per = n // INT4.tile, k // block, INT4.per_word
+    tiles, nb, per = n // NIBBLE.tile, k // block, NIBBLE.per_word
     ko_n = block // K_UNROLL
     shapes = [tuple(int(d) for d in p.shape) for p in func.params]
 
@@ -56,8 +56,8 @@ def int4_gemv(func: tirx.PrimFunc) -> tirx.PrimFunc:
         # nibble code -> its signed value: 0..7 -> 0..7, 8..15 -> -8..-1
         table = T.Cast("float32x16", T.Select(lane < T.Broadcast(8, LANES), lane, lane - T.Broadcast(16, LANES)))
         for t in T.parallel(tiles):
-            y_acc = T.decl_buffer((INT4.tile,), "float32", scope="local")
-            acc = T.decl_buffer((INT4.tile,), "float32", scope="local")
+            y_acc = T.decl_buffer((NIBBLE.tile,), "float32", scope="local")
+            acc = T.decl_buffer((NIBBLE.tile,), "float32", scope="local")
             for h in T.unroll(per):
                 y_acc[T.Ramp(h * LANES, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
             for b in range(nb):
@@ -75,9 +75,9 @@ def int4_gemv(func: tirx.PrimFunc) -> tirx.PrimFunc:
                 for h in T.unroll(per):
                     y_acc[T.Ramp(h * LANES, 1, LANES)] = y_acc.vload([h * LANES], "float32x16") + acc.vload(
                         [h * LANES], "float32x16"
-                    ) * w_scale.vload([b, t * INT4.tile + h * LANES], "float32x16")
+                    ) * w_scale.vload([b, t * NIBBLE.tile + h * LANES], "float32x16")
             for h in T.unroll(per):
-                y[0, T.Ramp(t * INT4.tile + h * LANES, 1, LANES)] = y_acc.vload([h * LANES], "float32x16")
+                y[0, T.Ramp(t * NIBBLE.tile + h * LANES, 1, LANES)] = y_acc.vload([h * LANES], "float32x16")
 
     return gemv.with_attrs(dict(attrs.items()) if attrs is not None else {})
 
@@ -172,6 +172,7 @@ def w4a8_dot4_gemm(func: tirx.PrimFunc) -> tirx.PrimFunc:
     m = func.params[0].shape[0]
     nb, qb, tiles = k // block, block // 8, n // (LANES * VECS)
     rows = ROWS if not isinstance(m, tirx.IntImm) or int(m) >= ROWS else int(m)
+    offset = NIB8.offset  # u = w + offset: sum u x - offset sum x = sum w x
 
     @T.prim_func(private=True)
     def gemm(
@@ -214,7 +215,7 @@ def w4a8_dot4_gemm(func: tirx.PrimFunc) -> tirx.PrimFunc:
                     for r in T.unroll(rows):
                         for v in T.unroll(VECS):
                             y_acc[r * VECS + v] = y_acc[r * VECS + v] + T.Cast(
-                                "float32x16", acc[r * VECS + v] - xsum[r] * T.Broadcast(8, LANES)
+                                "float32x16", acc[r * VECS + v] - xsum[r] * T.Broadcast(offset, LANES)
                             ) * w_scale.vload([b, (t * VECS + v) * LANES], "float32x16") * T.Broadcast(
                                 x_scale[T.min(io * rows + r, m - 1)], LANES)
                 for r in T.unroll(rows):
