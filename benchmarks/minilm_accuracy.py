@@ -42,9 +42,10 @@ def embed(sess: ort.InferenceSession, data: dict[str, np.ndarray], batch: int = 
 
 
 def compare(ref: np.ndarray, got: np.ndarray) -> dict:
-    cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
-    sqnr = 10 * np.log10((ref.astype(np.float64) ** 2).sum() / ((ref - got).astype(np.float64) ** 2).sum())
-    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "sqnr_db": float(sqnr)}
+    from lpcompile.metrics import cosine, sqnr_db
+
+    cos = cosine(ref, got)
+    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "sqnr_db": sqnr_db(ref, got)}
 
 
 class _Reader:

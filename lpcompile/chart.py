@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lpcompile.metrics import EXACT_DB
+
 _DIGITS = {  # 3x5 bitmaps, rows top to bottom
     "0": ("111", "101", "101", "101", "111"), "1": ("010", "110", "010", "010", "111"),
     "2": ("111", "001", "111", "100", "111"), "3": ("111", "001", "111", "001", "111"),
@@ -89,7 +91,7 @@ def render(select: dict) -> np.ndarray:
         _text(img, 2, y + 2, str(i))
         for j, col in enumerate(columns_):
             x = left + j * CELL_W
-            db = 200.0 if col == "float" else r["e2e_sqnr_db"].get(col)
+            db = EXACT_DB if col == "float" else r["e2e_sqnr_db"].get(col)
             img[y : y + CELL_H, x : x + CELL_W] = sqnr_colour(db)
             if col == r["weights"]:
                 _box(img, x, y)

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from lpcompile.ir.patterns import LAYER_NAME_KEY
 from lpcompile.ir.run import OrtRunner
-from lpcompile.passes.quantize import ACTIVATION_FORMAT_KEY, LAYER_KEY, METHOD_KEY, WEIGHT_FORMAT_KEY
+from lpcompile.metrics import cosine, format_db, signal_noise_db
+from lpcompile.passes.quantize import ACTIVATION_FORMAT_KEY, METHOD_KEY, WEIGHT_FORMAT_KEY
 
 
 @dataclass
@@ -32,19 +34,12 @@ class _Error:
         self.signal += float((ref64**2).sum())
         self.noise += float(((ref64 - got64) ** 2).sum())
         if per_sample_cosine:
-            r = ref64.reshape(ref64.shape[0], -1) if ref64.ndim > 1 else ref64.reshape(1, -1)
-            g = got64.reshape(r.shape)
-            num = (r * g).sum(axis=1)
-            den = np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1)
-            self.cosines.extend(np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0).tolist())
+            self.cosines.extend(cosine(ref64, got64).tolist())
 
     @property
     def sqnr_db(self) -> float:
-        if self.count == 0:
-            return float("nan")
-        if self.noise == 0.0:
-            return float("inf")
-        return 10.0 * float(np.log10(self.signal / self.noise)) if self.signal > 0 else float("-inf")
+        """lpcompile.metrics' convention: capped at ±EXACT_DB, NaN when nothing was measured."""
+        return signal_noise_db(self.signal, self.noise) if self.count else float("nan")
 
 
 def quantized_layers(model: ir.Model) -> list[ir.Node]:
@@ -112,7 +107,7 @@ def build_report(
         aspec = node.metadata_props.get(ACTIVATION_FORMAT_KEY)
         layers.append(
             {
-                "name": node.metadata_props.get(LAYER_KEY, node.name),
+                "name": node.metadata_props.get(LAYER_NAME_KEY, node.name),
                 "op": node.op_type,
                 "weight_format": wspec or "float32",
                 "activation_format": aspec or "float32",
@@ -154,7 +149,7 @@ def build_report(
 
 
 def _num(x: float) -> float | None:
-    return None if x is None or np.isnan(x) else (x if np.isfinite(x) else (1e9 if x > 0 else -1e9))
+    return None if x is None or np.isnan(x) else float(x)  # SQNRs are finite (metrics.EXACT_DB caps them)
 
 
 def to_markdown(report: dict) -> str:
@@ -172,7 +167,7 @@ def to_markdown(report: dict) -> str:
         f"- calibration: {cal.get('source', 'none')} ({cal.get('samples', 0)} samples)",
         f"- layers quantized: {t['layers_quantized']}; excluded: {', '.join(report['excluded']) or 'none'}",
         f"- weights: {_mb(t['weight_bytes'])} vs {_mb(t['weight_bytes_fp32'])} in fp32 ({ratio:.3f}×)",
-        f"- output vs float: SQNR {_fmt(t['output_sqnr_db'])} dB, cosine {_fmt(t['output_cosine'], 5)}"
+        f"- output vs float: SQNR {format_db(t['output_sqnr_db'])} dB, cosine {_fmt(t['output_cosine'], 5)}"
         f" (min {_fmt(t['output_cosine_min'], 5)})",
         _rotation_line(report.get("rotate")),
         "- stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["stages_seconds"].items()),
@@ -183,7 +178,7 @@ def to_markdown(report: dict) -> str:
     for l in report["layers"]:
         lines.append(
             f"| {l['name']} | {l['op']} | {l['weight_format']} | {l['activation_format']} | "
-            f"{l['weight_bytes_fp32']:,} → {l['weight_bytes']:,} | {_fmt(l['sqnr_db'])} |"
+            f"{l['weight_bytes_fp32']:,} → {l['weight_bytes']:,} | {format_db(l['sqnr_db'])} |"
         )
     lines += _rotation_section(report.get("rotate"))
     if report.get("select"):
@@ -235,7 +230,7 @@ def _rotation_choice(rot: dict | None) -> str:
     tried = (rot or {}).get("chosen_from")
     if not tried:
         return ""
-    parts = "; ".join(f"{m}: SQNR {_fmt(v['output_sqnr_db'])} dB at {_fmt(v['avg_weight_bits'], 2)} bits, goal met "
+    parts = "; ".join(f"{m}: SQNR {format_db(v['output_sqnr_db'])} dB at {_fmt(v['avg_weight_bits'], 2)} bits, goal met "
                       f"{v['goal_met']}" for m, v in tried.items())
     return f" — chosen after measuring both ({parts})"
 
@@ -384,9 +379,9 @@ def select_markdown(sel: dict) -> list[str]:
         "", "## Format selection (--format auto)", "",
         f"- goal: {goal}; met: {a['budget_met']}",
         f"- achieved: {a['avg_weight_bits']:.4f} bits per weight (float layers at 32), {_mb(int(a['weight_bytes']))};"
-        f" output SQNR {_fmt(a['output_sqnr_db'])} dB, cosine {_fmt(a['output_cosine'], 5)}",
+        f" output SQNR {format_db(a['output_sqnr_db'])} dB, cosine {_fmt(a['output_cosine'], 5)}",
         f"- predicted by the sensitivity model: {_fmt(p.get('avg_weight_bits'), 4)} bits, SQNR "
-        f"{_fmt(p.get('predicted_sqnr_db'))} dB, cosine {_fmt(p.get('predicted_cosine'), 5)}",
+        f"{format_db(p.get('predicted_sqnr_db'))} dB, cosine {_fmt(p.get('predicted_cosine'), 5)}",
     ]
     lat = sel.get("latency") or {}
     if a.get("latency_us") is not None:
@@ -427,7 +422,7 @@ def select_markdown(sel: dict) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(sel["layers"]):
-        e2e = ", ".join(f"{k.split(':')[0]}{'/' + k.split(':')[1] if 'block' in k else ''} {v:.1f}"
+        e2e = ", ".join(f"{k.split(':')[0]}{'/' + k.split(':')[1] if 'block' in k else ''} {format_db(v, 1)}"
                         for k, v in r["e2e_sqnr_db"].items())
         out = r.get("outliers") or {}
         ex = r.get("exmy") or {}

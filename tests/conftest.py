@@ -15,6 +15,8 @@ import onnx
 import onnx_ir as ir
 import pytest
 
+from lpcompile.metrics import sqnr_db  # noqa: F401  (tests import it from here: lpcompile's one convention)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]  # holds models/, which is not installed
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,11 +41,6 @@ def ort_run(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)
 
-
-def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
-    ref = ref.astype(np.float64)
-    noise = ((ref - got.astype(np.float64)) ** 2).sum()
-    return float("inf") if noise == 0 else float(10 * np.log10((ref**2).sum() / noise))
 
 
 def mlp_model(k: int = 256, hidden: int = 384, n: int = 64, seed: int = 0, outliers: bool = False) -> ir.Model:

@@ -16,7 +16,10 @@ import onnx_ir as ir
 
 from lpcompile.errors import ModelError
 
-__all__ = ["load_model", "to_proto", "save_model", "model_bytes", "ModelSource"]
+__all__ = ["DOMAIN", "load_model", "to_proto", "save_model", "model_bytes", "ModelSource"]
+
+# The ONNX domain of lpcompile's custom ops and model-local functions (Hadamard, PerTokenQDQ_*).
+DOMAIN = "ai.lpcompile"
 
 ModelSource = "str | os.PathLike | onnx.ModelProto | ir.Model | Any"
 

@@ -32,8 +32,9 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from lpcompile.ir import DOMAIN
+
 __all__ = [
-    "DOMAIN",
     "HADAMARD_OP",
     "construction",
     "has_hadamard",
@@ -48,7 +49,6 @@ __all__ = [
     "hadamard_function",
 ]
 
-DOMAIN = "ai.lpcompile"
 HADAMARD_OP = "Hadamard"
 
 Factor = tuple[str, int]  # ("sylvester" | "paley1" | "paley2", order)

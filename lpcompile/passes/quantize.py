@@ -32,12 +32,12 @@ from lpcompile.passes.weight_quant import QuantizedWeight, quantize_weight
 
 log = logging.getLogger(__name__)
 
-DOMAIN = "ai.lpcompile"
+from lpcompile.ir import DOMAIN  # noqa: E402
 QDQ_OPSET = 21
 WEIGHT_FORMAT_KEY = "lpcompile.weight_format"
 ACTIVATION_FORMAT_KEY = "lpcompile.activation_format"
 METHOD_KEY = "lpcompile.weight_method"
-LAYER_KEY = "lpcompile.layer"
+from lpcompile.ir.patterns import LAYER_NAME_KEY as LAYER_KEY  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,8 @@ import numpy as np
 import onnx_ir as ir
 
 from lpcompile.errors import PassError
+from lpcompile.ir import DOMAIN
 from lpcompile.ir.hadamard import (
-    DOMAIN,
     HADAMARD_OP,
     apply_hadamard,
     construction,

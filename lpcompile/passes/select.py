@@ -74,7 +74,7 @@ ACTIVATION_CANDIDATES = ("int8:token:sym:dynamic", "uint8:tensor:asym", "fp8_e4m
 EXMY = ((2, 5), (3, 4), (4, 3), (5, 2))
 DEPLOYABLE_FP8 = ("fp8_e4m3", "fp8_e5m2")
 
-Progress = Callable[[str, int, int], None]  # (phase, done, total)
+from lpcompile.progress import Progress  # noqa: E402  (phase, done, total)
 
 
 def spec_text(spec: QuantSpec | None) -> str:
@@ -319,11 +319,7 @@ def fake_quantize_activation(x: np.ndarray, spec: QuantSpec, stats) -> np.ndarra
     return fmt.quantize(x / scale) * scale
 
 
-def _sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
-    ref = ref.astype(np.float64)
-    noise = float(((ref - got) ** 2).sum())
-    signal = float((ref**2).sum())
-    return 200.0 if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -200.0)
+from lpcompile.metrics import nsr_to_db, sqnr_db as _sqnr_db  # noqa: E402  (one SQNR convention)
 
 
 @dataclass
@@ -346,7 +342,7 @@ class _OutputError:
     def result(self) -> dict:
         nsr = self.noise / self.signal if self.signal > 0 else 0.0
         return {"nsr": nsr, "cosine_loss": max(0.0, 1.0 - self.cos_sum / max(self.samples, 1)),
-                "sqnr_db": 200.0 if nsr == 0 else -10 * math.log10(nsr)}
+                "sqnr_db": nsr_to_db(nsr)}
 
 
 # --- the pass ------------------------------------------------------------------------------------
@@ -520,7 +516,7 @@ class Select(ir.passes.InPlacePass):
         pred_nsr = sum(c.predicted["nsr"] for c in chosen)
         totals = {"params": params, "weight_bits": bits, "avg_weight_bits": bits / params if params else 0.0,
                   "weight_bytes": bits / 8, "predicted_nsr": pred_nsr,
-                  "predicted_sqnr_db": 200.0 if pred_nsr == 0 else -10 * math.log10(pred_nsr),
+                  "predicted_sqnr_db": nsr_to_db(pred_nsr),
                   "predicted_cosine": 1.0 - sum(c.predicted["cosine_loss"] for c in chosen),
                   "activation_bits_per_token": sum(
                       (c.activations.format.bits if c.activations else 32) * sens[c.name]["shape"][0]

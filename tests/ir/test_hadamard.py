@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lpcompile.ir import DOMAIN
 from lpcompile.ir.hadamard import (
-    DOMAIN,
     HADAMARD_OP,
     apply_hadamard,
     block_hadamard,

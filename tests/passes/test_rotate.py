@@ -13,7 +13,8 @@ import torch
 
 from lpcompile.errors import PassError
 from lpcompile.frontend import capture
-from lpcompile.ir.hadamard import DOMAIN, HADAMARD_OP
+from lpcompile.ir import DOMAIN
+from lpcompile.ir.hadamard import HADAMARD_OP
 from lpcompile.ir.patterns import find_linear_layers
 from lpcompile.passes import Calibrate, Cleanup, Quantize, Rotate
 from lpcompile.passes.rotate import REPORT_KEY, ROTATION_KEY, outlier_stats
