@@ -188,7 +188,7 @@ def cuda(arch: str) -> Target:
         if m is None:
             raise TargetError(f"unknown CUDA arch {arch!r}: expected sm_XX, one of {', '.join(CUDA_ARCHES)}")
         base = f"sm_{m[1]}"
-        why = (f"arch-specific {arch} is not built for: {base} code runs on {arch} GPUs, use cuda:{base}"
+        why = (f"lpcompile builds {base} code, which runs on {arch} GPUs: use cuda:{base}"
                if m[2] and base in CUDA_ARCHES
                else f"the kernels need sm_{INT8_MMA_MIN_SM}+" if int(m[1]) < INT8_MMA_MIN_SM
                else "not a GPU lpcompile builds for")
