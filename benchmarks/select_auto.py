@@ -41,10 +41,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import lpcompile  # noqa: E402
-from lpcompile.passes.select import Plan  # noqa: E402
+from lpcompile.plan import Plan  # noqa: E402
 from lpcompile.calibration_data import as_calibration_data  # noqa: E402
 from lpcompile.ir import load_model  # noqa: E402
 from lpcompile.report import measure_error  # noqa: E402
+from lpcompile.goals import Bits, Latency, MinCosine  # noqa: E402
 
 UNIFORM = ["int4", "w4a8", "w8a16", "int8", "fp8"]
 MIN_COSINE = 0.995
@@ -91,7 +92,7 @@ def run_model(name: str, path: Path, calib: str, eval_path: Path, work: Path) ->
     for rotate in ("auto", "off"):
         for budget in budgets if rotate == "auto" else budgets[:1]:
             t = time.perf_counter()
-            art = lpcompile.compile(str(path), format="auto", budget=budget, calibration=calib, rotate=rotate,
+            art = lpcompile.compile(str(path), format="auto", goal=Bits(budget), calibration=calib, rotate=rotate,
                                     plan=plans.get(rotate))
             plans.setdefault(rotate, art.plan)
             sel = art.report["select"]
@@ -103,7 +104,7 @@ def run_model(name: str, path: Path, calib: str, eval_path: Path, work: Path) ->
             result["auto"][f"budget {budget:.4f} rotate {rotate}"] = record(
                 f"auto --budget {budget:.4f} (rotate {rotate})", art, time.perf_counter() - t, **extra)
     t = time.perf_counter()
-    art = lpcompile.compile(str(path), format="auto", min_cosine=MIN_COSINE, calibration=calib, plan=plans["auto"])
+    art = lpcompile.compile(str(path), format="auto", goal=MinCosine(MIN_COSINE), calibration=calib, plan=plans["auto"])
     sel = art.report["select"]
     result["auto"][f"min-cosine {MIN_COSINE}"] = record(
         f"auto --min-cosine {MIN_COSINE}", art, time.perf_counter() - t, min_cosine=MIN_COSINE,
@@ -169,7 +170,7 @@ def run_latency(name: str, path: Path, calib: str, eval_path: Path, tokens: int,
     plan = None
     for label, budget in budgets.items():
         t = time.perf_counter()
-        art = lpcompile.compile(str(path), format="auto", budget_latency=budget, latency_tokens=tokens,
+        art = lpcompile.compile(str(path), format="auto", goal=Latency(budget, tokens=tokens),
                                 calibration=calib, plan=plan)
         plan = plan or art.plan  # the sensitivity, measured once
         sel = art.report["select"]

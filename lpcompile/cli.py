@@ -15,7 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+from lpcompile import goals
 from lpcompile.errors import LpcompileError
+from lpcompile.output import check_output_dir
 
 EXIT_BAD_INPUT = 2
 
@@ -52,36 +54,45 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"lpcompile: error: {message} (see lpcompile --help)\n")
 
 
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lpcompile.api import EMITS, TARGETS
     from lpcompile.recipes import RECIPES
 
+    from importlib import metadata
+
+    import lpcompile
+
+    try:
+        version = metadata.version("lpcompile")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        version = lpcompile.__version__
     p = _Parser(
         prog="lpcompile",
-        description="Quantize an ONNX model to INT4/INT8/FP8 and compile it for a target.",
+        description="Quantize an ONNX model to INT4/INT8/FP8 and compile it for a target. Compiled artifacts "
+        "are used by two more commands (they do not import the compiler): `lpcompile run OUT_DIR --inputs "
+        "x.npz [-o out.npz]` runs one, `lpcompile bench OUT_DIR [--batch N] [--seq L]` times it "
+        "(`lpcompile run --help`, `lpcompile bench --help`).",
         epilog="formats: " + "; ".join(f"{r.name} = {r.description}" for r in RECIPES.values())
         + "; auto = per-layer formats chosen by measured sensitivity (writes plan.json and select.png)",
     )
+    p.add_argument("--version", action="version", version=f"lpcompile {version}")
     p.add_argument("model", help="an .onnx file (external data next to it is fine)")
     p.add_argument("--target", default="llvm",
                    help=f"{' | '.join(TARGETS)}: llvm = this CPU; aarch64[:CPU] cross-compiles for 64-bit Arm Linux "
                         "(LLVM CPU name, e.g. neoverse-v1); cuda[:sm_80|sm_86|sm_89|sm_90] (default sm_80)")
     p.add_argument("--format", default="int4", choices=[*RECIPES, "auto"],
                    help="quantization recipe (default int4), or auto: a per-layer choice under --budget / --min-cosine")
-    p.add_argument("--budget", type=float, metavar="BITS",
-                   help="--format auto: average bits per weight over the linear layers, scales included (e.g. 4.5)")
-    p.add_argument("--budget-bytes", type=float, metavar="BYTES",
-                   help="--format auto: total bytes of the linear weights and tables, scales included")
-    p.add_argument("--budget-latency", type=float, metavar="MICROSECONDS",
-                   help="--format auto: sum of the linear layers' kernel latencies, measured on the target (this CPU, "
-                        "or a CUDA GPU present here) once per kernel shape and cached in $LPCOMPILE_CACHE "
-                        "(default ~/.cache/lpcompile)")
+    for flag, (_, metavar, text) in goals.FLAGS.items():  # one goal at a time (lpcompile.goals)
+        p.add_argument(flag, type=float, metavar=metavar, help=f"--format auto: {text}")
     p.add_argument("--latency-tokens", type=int, metavar="M",
                    help="--format auto: rows (tokens) at which layers with a dynamic row count are timed "
                         "(default 1, a decode step; an encoder over sentences: their typical length)")
-    p.add_argument("--min-cosine", type=float, metavar="C",
-                   help="--format auto: fewest bits whose mean output cosine is >= C on calibration batches held out "
-                        "from fitting (every fourth)")
     p.add_argument("--plan", metavar="FILE",
                    help="--format auto: a plan.json to reuse (alone) or whose pins to respect (with a goal)")
     p.add_argument("-o", "--output", help="output directory (default: <model-stem>.lpc next to the model)")
@@ -94,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hadamard rotations against activation outliers (default: auto for recipes with "
                         "<= 8-bit activations or 4-bit weights, else off)")
     p.add_argument("--emit", default="onnx", help=f"comma-separated outputs ({', '.join(EMITS)})")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per onnxruntime run during calibration")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="samples per onnxruntime run during calibration")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.add_argument("-v", "--verbose", action="store_true", help="log what every pass did")
     return p
@@ -116,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         if not model.is_file():
             raise LpcompileError(f"no such model file: {model}")
         out = Path(args.output) if args.output else model.with_name(model.stem + ".lpc")
+        check_output_dir(out, _inputs(model, args.calibration, args.plan))  # before any work
         emit = tuple(e.strip() for e in args.emit.split(",") if e.strip())
         result = lp_compile(
             model,
@@ -127,11 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             progress=progress,
             rotate=args.rotate,
-            budget=args.budget,
-            budget_bytes=args.budget_bytes,
-            budget_latency=args.budget_latency,
-            latency_tokens=args.latency_tokens,
-            min_cosine=args.min_cosine,
+            goal=goals.from_flags(vars(args), args.latency_tokens),
             plan=args.plan,
         )
         result.save(out)
@@ -144,6 +152,28 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(_summary(out, result.report), file=sys.stdout)
     return 0
+
+
+# A model file this big holds its weights inline (external-data models are small graphs): its
+# external data files are not looked for, which would mean parsing it twice.
+EXTERNAL_DATA_SCAN_BYTES = 64 << 20
+
+
+def _inputs(model: Path, calibration: str | None, plan: str | None) -> list[Path]:
+    """The files an output directory may not be or hold: the model, its external data files (names
+    read from the graph without loading the data), the calibration data and the plan."""
+    import onnx
+
+    paths = [model]
+    if model.stat().st_size < EXTERNAL_DATA_SCAN_BYTES:
+        try:
+            proto = onnx.load(str(model), load_external_data=False)
+            paths += [model.parent / e.value for t in proto.graph.initializer for e in t.external_data
+                      if e.key == "location"]
+        except Exception:  # an unreadable model is reported by the compile, with its reason
+            pass
+    paths += [Path(p) for p in (calibration, plan) if p and not p.startswith("random:")]
+    return paths
 
 
 def _summary(out: Path, report: dict) -> str:

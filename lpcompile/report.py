@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from lpcompile.ir.patterns import LAYER_NAME_KEY
 from lpcompile.ir.run import OrtRunner
 from lpcompile.metrics import cosine, format_db, signal_noise_db
-from lpcompile.passes.quantize import ACTIVATION_FORMAT_KEY, METHOD_KEY, WEIGHT_FORMAT_KEY
+from lpcompile.ir.patterns import LAYER_NAME_KEY
+from lpcompile.passes.quantize import ACTIVATION_FORMAT_KEY, METHOD_KEY, METHOD_NOTE_KEY, WEIGHT_FORMAT_KEY
 
 
 @dataclass
@@ -111,7 +111,8 @@ def build_report(
                 "op": node.op_type,
                 "weight_format": wspec or "float32",
                 "activation_format": aspec or "float32",
-                "weight_method": node.metadata_props.get(METHOD_KEY),
+                "weight_method": node.metadata_props.get(METHOD_KEY),  # the method that ran
+                "weight_method_note": node.metadata_props.get(METHOD_NOTE_KEY),  # why not the one asked
                 "weight_bytes_fp32": fp32,
                 "weight_bytes": packed,
                 "sqnr_db": _num(per_layer[node.outputs[0].name].sqnr_db),
@@ -256,7 +257,7 @@ def dumps(report: dict) -> str:
 # --- format selection (format="auto") ------------------------------------------------------------
 
 
-def select_report(plan, report: dict, layers) -> dict:
+def select_report(plan, report: dict, layers, goal=None) -> dict:
     """What select chose and why, next to what the QDQ model achieved: per layer the chosen
     formats, the measured sensitivity of every candidate, the ExMy analysis and outlier severity;
     totals (achieved average weight bits count float layers at 32 bits); and whether the FP8
@@ -302,7 +303,7 @@ def select_report(plan, report: dict, layers) -> dict:
                      # the sum of the chosen layers' measured kernel latencies (None: not measured)
                      "latency_us": plan.totals.get("latency_us"),
                      "budget_met": _budget_met(plan.budget, achieved, bits / 8, report["totals"]["output_cosine"],
-                                               plan.totals.get("latency_us"))},
+                                               plan.totals.get("latency_us"), goal)},
         "latency": plan.totals.get("latency"),
         "verification": plan.totals.get("verification"),
         "exponent_vs_outliers": exponent_agreement(rows),
@@ -314,7 +315,13 @@ def select_report(plan, report: dict, layers) -> dict:
 
 
 def _budget_met(budget: dict, avg_bits: float, total_bytes: float, cosine: float | None,
-                latency_us: float | None = None) -> bool | None:
+                latency_us: float | None = None, goal=None) -> bool | None:
+    """Whether the achieved totals meet the goal (the goal says; a reused plan without a goal is
+    judged by the budget it records)."""
+    achieved = {"avg_weight_bits": avg_bits, "weight_bytes": total_bytes, "output_cosine": cosine,
+                "latency_us": latency_us}
+    if goal is not None:
+        return goal.met(achieved)
     kind, value = budget.get("kind"), budget.get("value")
     if kind == "latency":
         return latency_us is not None and latency_us <= value

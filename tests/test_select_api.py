@@ -10,6 +10,7 @@ import lpcompile
 from lpcompile.errors import LpcompileError, TargetError
 from lpcompile.report import to_markdown
 from tests.conftest import mlp_model, ort_run, sqnr_db
+from lpcompile.goals import Bits, Bytes, Latency, MinCosine, from_flags
 
 
 def _data(seed, n=128):
@@ -42,7 +43,7 @@ def test_auto_spends_its_budget_where_it_pays_on_held_out_data():
     model = _uneven_mlp()
     ref = ort_run(model, {"x": held_out})[0]
     uniform = lpcompile.compile(model, format="int4", calibration=calib, rotate="off")
-    auto = lpcompile.compile(model, format="auto", budget=4.6, calibration=calib, rotate="off")
+    auto = lpcompile.compile(model, format="auto", goal=Bits(4.6), calibration=calib, rotate="off")
     assert _avg_bits(uniform) < auto.report["select"]["achieved"]["avg_weight_bits"] <= 4.6
     chosen = {r["name"]: r["weights"] for r in auto.report["select"]["layers"]}
     assert chosen["w3"].startswith(("int8", "fp8"))
@@ -54,7 +55,7 @@ def test_auto_spends_its_budget_where_it_pays_on_held_out_data():
 
 def test_auto_without_a_rotate_mode_measures_both_bases_and_keeps_the_better():
     calib, _ = _data(0, n=32)
-    art = lpcompile.compile(_uneven_mlp(), format="auto", budget=4.6, calibration=calib)
+    art = lpcompile.compile(_uneven_mlp(), format="auto", goal=Bits(4.6), calibration=calib)
     tried = art.report["rotate"]["chosen_from"]
     assert set(tried) == {"auto", "off"}
     chosen = art.report["select"]["rotation_chosen"]
@@ -68,7 +69,7 @@ def test_auto_without_a_rotate_mode_measures_both_bases_and_keeps_the_better():
 
 def test_min_cosine_is_met_on_held_out_calibration_batches_and_verified(tmp_path):
     calib, _ = _data(0, n=32)
-    art = lpcompile.compile(mlp_model(), format="auto", min_cosine=0.9995, calibration=calib, rotate="off")
+    art = lpcompile.compile(mlp_model(), format="auto", goal=MinCosine(0.9995), calibration=calib, rotate="off")
     sel = art.report["select"]
     assert (sel["budget"]["kind"], sel["budget"]["value"]) == ("min_cosine", 0.9995)
     assert "8 held out to verify --min-cosine" in art.report["calibration"]["source"]
@@ -82,7 +83,7 @@ def test_min_cosine_is_met_on_held_out_calibration_batches_and_verified(tmp_path
 
 def test_auto_with_exclude_keeps_the_layer_float_and_counts_it():
     calib, _ = _data(0, n=32)
-    art = lpcompile.compile(mlp_model(), format="auto", budget=16.0, calibration=calib, rotate="off",
+    art = lpcompile.compile(mlp_model(), format="auto", goal=Bits(16.0), calibration=calib, rotate="off",
                             exclude=[":first"])
     rows = {r["name"]: r for r in art.report["select"]["layers"]}
     assert rows["w1"]["weights"] == "float" and rows["w1"]["bits_per_weight"] == 32
@@ -103,7 +104,7 @@ def test_bytes_budget_is_met_by_the_stored_weights():
     model = mlp_model()
     params = (256 * 384 + 384 * 384 + 384 * 64)
     budget = params * 5 / 8  # 5 bits per weight, in bytes
-    art = lpcompile.compile(model, format="auto", budget_bytes=budget, calibration=calib, rotate="off")
+    art = lpcompile.compile(model, format="auto", goal=Bytes(budget), calibration=calib, rotate="off")
     stored = sum(l["weight_bytes"] for l in art.report["layers"])
     assert stored <= budget and art.report["select"]["achieved"]["budget_met"]
     assert art.report["select"]["budget"] == {"kind": "bytes", "value": budget}
@@ -112,7 +113,7 @@ def test_bytes_budget_is_met_by_the_stored_weights():
 def test_min_cosine_needs_a_batch_to_verify_on():
     calib, _ = _data(0, n=8)
     with pytest.raises(LpcompileError, match="too few"):
-        lpcompile.compile(mlp_model(), format="auto", min_cosine=0.99, calibration=calib, rotate="off")
+        lpcompile.compile(mlp_model(), format="auto", goal=MinCosine(0.99), calibration=calib, rotate="off")
 
 
 # --- --budget-latency ------------------------------------------------------------------------------
@@ -139,7 +140,7 @@ def test_latency_budget_is_met_recorded_in_the_plan_and_measured_once(tmp_path, 
     fast, slow = _uniform_latency("int4:block(0,128):sym", tokens), _uniform_latency(None, tokens)
     assert fast < slow  # (at 16 tokens the float matmuls are several times slower here)
     budget = 0.5 * (fast + slow)
-    art = lpcompile.compile(mlp_model(), format="auto", budget_latency=budget, latency_tokens=tokens,
+    art = lpcompile.compile(mlp_model(), format="auto", goal=Latency(budget, tokens=tokens),
                             calibration=calib, rotate="off")
     sel = art.report["select"]
     assert sel["budget"] == {"kind": "latency", "value": budget, "unit": "us", "tokens": tokens}
@@ -154,14 +155,14 @@ def test_latency_budget_is_met_recorded_in_the_plan_and_measured_once(tmp_path, 
         raise AssertionError(f"measured again: {kernel.signature}")
 
     monkeypatch.setattr(LatencyModel, "_measure", no_build)
-    again = lpcompile.compile(mlp_model(), format="auto", budget_latency=budget, latency_tokens=tokens,
+    again = lpcompile.compile(mlp_model(), format="auto", goal=Latency(budget, tokens=tokens),
                               calibration=calib, rotate="off", plan=art.plan)
     assert [c.to_json() for c in again.plan.layers] == [c.to_json() for c in art.plan.layers]
 
 
 def test_other_goals_report_the_latency_of_what_they_chose():
     calib, _ = _data(0, n=32)
-    art = lpcompile.compile(mlp_model(), format="auto", budget=6.0, calibration=calib, rotate="off")
+    art = lpcompile.compile(mlp_model(), format="auto", goal=Bits(6.0), calibration=calib, rotate="off")
     sel = art.report["select"]
     assert sel["achieved"]["latency_us"] == pytest.approx(sum(r["latency_us"] for r in sel["layers"]))
     assert sel["latency"]["tokens"] == 1 and sel["achieved"]["latency_us"] > 0
@@ -170,22 +171,27 @@ def test_other_goals_report_the_latency_of_what_they_chose():
 @pytest.mark.skipif(__import__("tvm").cuda(0).exist, reason="a CUDA GPU is present: its latency can be measured")
 def test_latency_is_absent_where_the_target_cannot_be_timed_here():
     calib, _ = _data(0, n=32)
-    art = lpcompile.compile(mlp_model(), target="cuda:sm_90", format="auto", budget=6.0, calibration=calib,
+    art = lpcompile.compile(mlp_model(), target="cuda:sm_90", format="auto", goal=Bits(6.0), calibration=calib,
                             rotate="off")
     sel = art.report["select"]
     assert sel["achieved"]["latency_us"] is None and "no CUDA GPU" in sel["latency"]["not_measured"]
     assert all(r["latency_us"] is None for r in sel["layers"])
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    ({"budget_latency": 100.0, "budget": 4.5}, LpcompileError, "needs one goal"),
-    ({"budget_latency": -1.0}, LpcompileError, "positive number of microseconds"),
-    ({"budget_latency": float("nan")}, LpcompileError, "positive number of microseconds"),
-    ({"budget_latency": 100.0, "latency_tokens": 0}, LpcompileError, "latency_tokens must be"),
-    ({"budget_latency": 100.0, "format": "int4"}, LpcompileError, "apply to format='auto' only"),
-    ({"budget_latency": 100.0, "target": "aarch64"}, TargetError, "cross-compiled"),
+@pytest.mark.parametrize("make, kwargs, error, message", [
+    (lambda: from_flags({"budget_latency": 100.0, "budget": 4.5}), {}, LpcompileError, "one goal at a time"),
+    (lambda: Latency(-1.0), {}, LpcompileError, "positive number of microseconds"),
+    (lambda: Latency(float("nan")), {}, LpcompileError, "finite number"),
+    (lambda: Latency(100.0, tokens=0), {}, LpcompileError, "latency tokens must be"),
+    (lambda: Latency(100.0), {"format": "int4"}, LpcompileError, "apply to format='auto' only"),
+    (lambda: Latency(100.0), {"target": "aarch64"}, TargetError, "cross-compiled"),
+    (lambda: Bytes(float("nan")), {}, LpcompileError, "finite number"),
+    (lambda: 4.5, {}, LpcompileError, "goal must be an lpcompile.goals.Goal"),
+    # unreachable budgets are refused from the layer shapes alone, before calibration is even read
+    (lambda: Bits(3.0), {}, LpcompileError, "below the smallest achievable"),
+    (lambda: Bytes(10.0), {}, LpcompileError, "below the smallest achievable"),
 ])
-def test_latency_budget_errors_come_before_any_work(kwargs, error, message):
+def test_goal_errors_come_before_any_work(make, kwargs, error, message):
     kwargs = {"format": "auto", **kwargs}
     with pytest.raises(error, match=message):  # (no calibration data: refused before it is asked for)
-        lpcompile.compile(mlp_model(), rotate="off", **kwargs)
+        lpcompile.compile(mlp_model(), rotate="off", goal=make(), **kwargs)

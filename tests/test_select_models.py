@@ -8,6 +8,7 @@ import pytest
 import lpcompile
 from lpcompile.ir import load_model
 from tests.conftest import export_model
+from lpcompile.goals import Bits, MinCosine
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,7 @@ def test_auto_beats_uniform_int4_at_its_bits_and_min_cosine_needs_fewer_bits(whi
     params = sum(l.in_features * l.out_features for l in find_linear_layers(load_model(str(path)).graph))
     uniform = lpcompile.compile(str(path), format="int4", calibration=calib)
     bits = avg_weight_bits(uniform.report, params)
-    auto = lpcompile.compile(str(path), format="auto", budget=bits, calibration=calib)
+    auto = lpcompile.compile(str(path), format="auto", goal=Bits(bits), calibration=calib)
     assert auto.report["select"]["achieved"]["avg_weight_bits"] <= bits
     u, a = _held_out(path, uniform, ev), _held_out(path, auto, ev)
     assert a["cosine_mean"] > u["cosine_mean"] and a["sqnr_db"] > u["sqnr_db"], (a, u)
@@ -51,6 +52,6 @@ def test_auto_beats_uniform_int4_at_its_bits_and_min_cosine_needs_fewer_bits(whi
     target = 0.995
     assert w8_cos >= target  # the cheapest uniform recipe that meets it here
     # (one basis: the rotation choice is shown by the budget run above, and doubles the time)
-    tight = lpcompile.compile(str(path), format="auto", min_cosine=target, calibration=calib, rotate="auto")
+    tight = lpcompile.compile(str(path), format="auto", goal=MinCosine(target), calibration=calib, rotate="auto")
     assert _held_out(path, tight, ev)["cosine_mean"] >= target
     assert tight.report["select"]["achieved"]["avg_weight_bits"] < avg_weight_bits(w8.report, params)

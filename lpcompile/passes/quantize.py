@@ -14,7 +14,6 @@ Every quantized layer is tagged in node metadata: `lpcompile.weight_format`,
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -28,7 +27,8 @@ from lpcompile.formats import FloatFormat, IntFormat, PerBlock, PerChannel, PerT
 from lpcompile.ir import upgrade_opset
 from lpcompile.ir.patterns import LinearLayer, find_linear_layers
 from lpcompile.passes.calibrate import CALIBRATION_KEY, Calibration
-from lpcompile.passes.weight_quant import QuantizedWeight, quantize_weight
+from lpcompile.passes.weight_quant import QuantizedWeight, gptq_applies, quantize_weight
+from lpcompile.plan import PLAN_KEY, LayerChoice, Plan, check_method
 
 log = logging.getLogger(__name__)
 
@@ -36,123 +36,128 @@ from lpcompile.ir import DOMAIN  # noqa: E402
 QDQ_OPSET = 21
 WEIGHT_FORMAT_KEY = "lpcompile.weight_format"
 ACTIVATION_FORMAT_KEY = "lpcompile.activation_format"
-METHOD_KEY = "lpcompile.weight_method"
+METHOD_KEY = "lpcompile.weight_method"  # the method that ran (see `effective_method`)
+METHOD_NOTE_KEY = "lpcompile.weight_method_note"  # why it is not the one the plan asked for
 from lpcompile.ir.patterns import LAYER_NAME_KEY as LAYER_KEY  # noqa: E402
 
 
 @dataclass(frozen=True)
-class LayerPlan:
-    weights: QuantSpec | None
-    activations: QuantSpec | None
-    method: str = "mse"
-
-
-@dataclass(frozen=True)
 class Quantize(ir.passes.InPlacePass):
-    """Quantize every linear layer's weights (and activations) as planned.
+    """Apply a plan: each layer the plan covers gets its weights (and input) quantized as its
+    `LayerChoice` says; layers it does not cover, and layers already quantized, stay as they are.
 
-    weights / activations: the specs for MatMul/Gemm layers; `embeddings`: for Gather tables
-    (activations never apply there: the input is token ids). `method`: "rtn", "mse" or "gptq"
-    (GPTQ needs `Calibrate(..., gram_for=...)` to have run; it falls back to "mse" otherwise).
-    `exclude`: fnmatch patterns on layer names, plus ":first" / ":last" for the first and last
-    non-embedding linear layers; those stay in float. `overrides`: per-layer plans by pattern.
+    `plan`: a `lpcompile.plan.Plan`, or None for the plan a previous pass (`UniformPlan`,
+    `Select`) left in `model.meta[PLAN_KEY]`. The pass decides nothing: which layer gets what is
+    the plan's. Each quantized node records the weight method that actually ran
+    (`lpcompile.weight_method`: GPTQ needs the layer's XᵀX from `Calibrate(..., gram_for=...)`
+    and a granularity it can use, else MSE-clipped rounding runs, and
+    `lpcompile.weight_method_note` says why).
     """
 
-    weights: QuantSpec | None
-    activations: QuantSpec | None = None
-    embeddings: QuantSpec | None = None
-    method: str = "mse"
-    exclude: tuple[str, ...] = ()
-    overrides: tuple[tuple[str, LayerPlan], ...] = ()
+    plan: Plan | None = None
     progress: Callable[[int, int], None] | None = None
     stats: Counter = field(default_factory=Counter, compare=False)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        upgraded = upgrade_opset(model, QDQ_OPSET)  # int4 and blocked scales need opset 21
+        plan = self.plan if self.plan is not None else model.meta.get(PLAN_KEY)
+        if plan is None:
+            raise PassError("quantize applies a plan: give Quantize(plan) or run UniformPlan / Select first")
+        upgraded = upgrade_opset(model, QDQ_OPSET)  # int4 and blocked scales need opset 21 (rebuilds nodes)
         layers = find_linear_layers(model.graph)
-        plans = self.plan(layers)
+        choices = {layer.name: plan.choice(layer.name) for layer in layers}
         calibration: Calibration | None = model.meta.get(CALIBRATION_KEY)
-        needs_calibration = [n for n, p in plans.items() if p.activations is not None and not p.activations.dynamic]
+        needs_calibration = [n for n, c in choices.items()
+                             if c is not None and c.activations is not None and not c.activations.dynamic]
         if needs_calibration and calibration is None:
             raise PassError(f"static activation scales need calibration first (layers: {needs_calibration[0]}, ...)")
-        quantized_weights: dict[tuple[str, str, bool], ir.Value] = {}
+        todo = [layer for layer in layers if (c := choices[layer.name]) is not None and (c.weights or c.activations)
+                and not layer.node.metadata_props.get(WEIGHT_FORMAT_KEY) and not _already_quantized(layer)]
+        quantized_weights: dict[tuple[str, str, str, bool], tuple[ir.Value, str, str]] = {}
         activation_qdq: dict[tuple[str, str], ir.Value] = {}
-        todo = [layer for layer in layers if plans[layer.name].weights or plans[layer.name].activations]
         for i, layer in enumerate(todo):
-            plan = plans[layer.name]
-            if plan.weights is not None:
-                key = (layer.weight.name, str(plan.weights), layer.transposed)
+            choice = choices[layer.name]
+            if choice.weights is not None:
+                key = (layer.weight.name, str(choice.weights), choice.method, layer.transposed)
                 if key not in quantized_weights:
-                    quantized_weights[key] = self._quantize_weight(model, layer, plan, calibration)
-                layer.node.replace_input_with(0 if layer.kind == "embedding" else 1, quantized_weights[key])
-                layer.node.metadata_props[WEIGHT_FORMAT_KEY] = str(plan.weights)
-                layer.node.metadata_props[METHOD_KEY] = self._effective_method(layer, plan, calibration)
+                    quantized_weights[key] = self._quantize_weight(model, layer, choice, calibration)
+                value, method, note = quantized_weights[key]
+                layer.node.replace_input_with(0 if layer.kind == "embedding" else 1, value)
+                layer.node.metadata_props[WEIGHT_FORMAT_KEY] = str(choice.weights)
+                layer.node.metadata_props[METHOD_KEY] = method
+                if note:
+                    layer.node.metadata_props[METHOD_NOTE_KEY] = note
                 self.stats["weights"] += 1
-            if plan.activations is not None and layer.activation is not None:
-                key = (layer.activation.name, str(plan.activations))
+                self.stats[f"method {method}"] += 1
+            if choice.activations is not None and layer.activation is not None:
+                key = (layer.activation.name, str(choice.activations))
                 if key not in activation_qdq:
-                    activation_qdq[key] = self._quantize_activation(model, layer, plan.activations, calibration)
+                    activation_qdq[key] = insert_activation_qdq(model, layer, choice.activations, calibration)
                 layer.node.replace_input_with(0, activation_qdq[key])
-                layer.node.metadata_props[ACTIVATION_FORMAT_KEY] = str(plan.activations)
+                layer.node.metadata_props[ACTIVATION_FORMAT_KEY] = str(choice.activations)
                 self.stats["activations"] += 1
             layer.node.metadata_props[LAYER_KEY] = layer.name
             if self.progress:
                 self.progress(i + 1, len(todo))
-        _drop_unused_initializers(model.graph)
-        model.graph.sort()
+        if todo:
+            _drop_unused_initializers(model.graph)
+            model.graph.sort()
         return ir.passes.PassResult(model, modified=bool(todo) or upgraded)
 
-    # --- policy: which layer gets what -----------------------------------------------------------
-
-    def plan(self, layers: Sequence[LinearLayer]) -> dict[str, LayerPlan]:
-        dense = [l for l in layers if l.kind != "embedding"]
-        special = {":first": dense[0].name if dense else None, ":last": dense[-1].name if dense else None}
-        plans = {}
-        for layer in layers:
-            if layer.kind == "embedding":
-                plan = LayerPlan(self.embeddings, None, "mse")
-            else:
-                plan = LayerPlan(self.weights, self.activations, self.method)
-            for pattern, override in self.overrides:
-                if fnmatch.fnmatchcase(layer.name, pattern):
-                    plan = override
-            if any(special.get(p) == layer.name or fnmatch.fnmatchcase(layer.name, p) for p in self.exclude):
-                plan = LayerPlan(None, None)
-            if layer.node.metadata_props.get(WEIGHT_FORMAT_KEY) or _already_quantized(layer):
-                plan = LayerPlan(None, None)  # re-running on our own output changes nothing
-            plans[layer.name] = plan
-        return plans
-
-    # --- mechanism: weights ----------------------------------------------------------------------
-
     @staticmethod
-    def _gram(layer: LinearLayer, calibration: Calibration | None) -> np.ndarray | None:
-        if calibration is None or layer.activation is None:
-            return None
-        st = calibration.stats.get(layer.activation.name)
-        return st.gram if st is not None else None
-
-    def _effective_method(self, layer: LinearLayer, plan: LayerPlan, calibration: Calibration | None) -> str:
-        """GPTQ needs the layer's XᵀX; without calibration it is MSE-clipped rounding."""
-        if plan.method == "gptq" and self._gram(layer, calibration) is None:
-            return "mse"
-        return plan.method
-
-    def _quantize_weight(
-        self, model: ir.Model, layer: LinearLayer, plan: LayerPlan, calibration: Calibration | None
-    ) -> ir.Value:
+    def _quantize_weight(model: ir.Model, layer: LinearLayer, choice: LayerChoice,
+                         calibration: Calibration | None) -> tuple[ir.Value, str, str]:
+        """The DequantizeLinear of the layer's quantized weight, the method that ran, and why it
+        is not the one asked for ("" when it is)."""
         stored = layer.weight.const_value.numpy().astype(np.float32)
         canonical = stored.T if layer.transposed else stored
-        method = self._effective_method(layer, plan, calibration)
-        q = quantize_weight(canonical, plan.weights, method, self._gram(layer, calibration))
-        return _emit_dequantize(model.graph, layer, q)
+        gram = _gram(layer, calibration)
+        method, note = effective_method(choice.method, choice.weights, gram is not None)
+        q = quantize_weight(canonical, choice.weights, method, gram)
+        return _emit_dequantize(model.graph, layer, q), method, note
 
-    # --- mechanism: activations ------------------------------------------------------------------
 
-    def _quantize_activation(
-        self, model: ir.Model, layer: LinearLayer, spec: QuantSpec, calibration: Calibration | None
-    ) -> ir.Value:
-        return insert_activation_qdq(model, layer, spec, calibration)
+@dataclass(frozen=True)
+class UniformPlan(ir.passes.InPlacePass):
+    """A named recipe as a plan: the same weight / input spec for every dense linear layer and one
+    spec for every embedding table, layers matched by `exclude` (fnmatch, ":first", ":last") in
+    float; written to `model.meta[PLAN_KEY]` for `Quantize`. An analysis: the graph is unchanged."""
+
+    weights: QuantSpec | None
+    activations: QuantSpec | None = None
+    embeddings: QuantSpec | None = None
+    method: str = "gptq"
+    exclude: tuple[str, ...] = ()
+    name: str = "uniform"
+
+    @classmethod
+    def from_recipe(cls, recipe, exclude: Sequence[str] = ()) -> "UniformPlan":
+        return cls(recipe.weights, recipe.activations, recipe.embeddings, recipe.method, tuple(exclude), recipe.name)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        model.meta[PLAN_KEY] = Plan.uniform(find_linear_layers(model.graph), self.weights, self.activations,
+                                            self.embeddings, self.method, self.exclude, self.name)
+        return ir.passes.PassResult(model, modified=False)
+
+
+def _gram(layer: LinearLayer, calibration: Calibration | None) -> np.ndarray | None:
+    if calibration is None or layer.activation is None:
+        return None
+    st = calibration.stats.get(layer.activation.name)
+    return st.gram if st is not None else None
+
+
+def effective_method(method: str, spec: QuantSpec, has_gram: bool) -> tuple[str, str]:
+    """The weight method that runs for `method` on `spec` (and why, when it differs): GPTQ needs
+    the layer's XᵀX and spreads the error along the input axis, so a granularity whose groups cut
+    across the input axis (channel(0), block(1, ...)) takes MSE-clipped rounding instead."""
+    check_method(method)
+    if method != "gptq":
+        return method, ""
+    if not has_gram:
+        return "mse", "gptq asked; no calibration statistics (XᵀX) for this layer, so mse"
+    if not gptq_applies(spec):
+        return "mse", f"gptq asked; it cannot use granularity {spec.granularity}, so mse"
+    return "gptq", ""
 
 
 def insert_activation_qdq(model: ir.Model, layer: LinearLayer, spec: QuantSpec, calibration: Calibration | None) -> ir.Value:

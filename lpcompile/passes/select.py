@@ -1,6 +1,5 @@
-"""select: choose a format per linear layer under a budget. An analysis: the graph is not changed;
-the result is a `Plan` (model.meta["lpcompile.plan"]) that `Quantize(overrides=plan.overrides())`
-materializes.
+"""select: choose a format per linear layer under a goal. An analysis: the graph is not changed;
+the result is a `Plan` (`lpcompile.plan`; model.meta["lpcompile.plan"]) that `Quantize` applies.
 
 Three steps, each measured rather than guessed:
 
@@ -21,7 +20,7 @@ Three steps, each measured rather than guessed:
    the pass receives as data (`LatencyCosts`): microseconds of each layer's kernels per option
    at a given token count; options with no native kernel there have none and are not candidates
    under a latency budget; embedding tables (gathers, not matmuls) cost 0.
-3. Solver. Small output errors of different layers add up (their noises are nearly
+3. Solver (the goal's, `lpcompile.goals`, over `lpcompile.solver`). Small output errors of different layers add up (their noises are nearly
    independent), so the model's NSR is predicted by Σ NSR_i and its cosine loss by Σ loss_i.
    Choosing one option per layer to minimise Σ NSR_i subject to Σ bits_i <= budget is a
    multiple-choice knapsack, solved exactly by dynamic programming over costs rounded *up* to
@@ -39,46 +38,35 @@ the input's outlier severity (kurtosis, largest/median channel max).
 
 from __future__ import annotations
 
-import fnmatch
-import glob
-import json
 import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
-from lpcompile.errors import FormatError, LpcompileError, PassError
+from lpcompile.errors import LpcompileError, PassError
 from lpcompile.formats import PerChannel, PerTensor, QuantSpec, fp8_exmy
+from lpcompile.goals import ACTIVATION_CANDIDATES, Goal, Problem
 from lpcompile.ir.patterns import LinearLayer, find_linear_layers
 from lpcompile.ir.run import OrtRunner
 from lpcompile.passes.calibrate import CALIBRATION_KEY, Calibration
-from lpcompile.passes.quantize import LayerPlan, activation_scale, insert_activation_qdq
-from lpcompile.passes.weight_quant import group_shape, quantize_weight
+from lpcompile.passes.quantize import activation_scale, insert_activation_qdq
+from lpcompile.passes.weight_quant import quantize_weight
+from lpcompile.plan import FLOAT, PLAN_KEY, LayerChoice, Plan, parse_spec, spec_text, weight_bits
 
 log = logging.getLogger(__name__)
-
-PLAN_KEY = "lpcompile.plan"
-FLOAT = "float"  # the printed form of "keep in float" in plans
 
 WEIGHT_CANDIDATES = ("int4:block(0,128):sym", "int4:channel(1):sym", "int8:channel(1):sym",
                      "fp8_e4m3:channel(1):sym", "fp8_e5m2:channel(1):sym")
 EMBEDDING_CANDIDATES = ("uint4:block(0,32):asym", "int8:channel(1):sym", "fp8_e4m3:channel(1):sym",
                         "fp8_e5m2:channel(1):sym")
-ACTIVATION_CANDIDATES = ("int8:token:sym:dynamic", "uint8:tensor:asym", "fp8_e4m3:tensor:sym:mse",
-                         "fp8_e5m2:tensor:sym:mse", "int4:token:sym:dynamic")
 EXMY = ((2, 5), (3, 4), (4, 3), (5, 2))
 DEPLOYABLE_FP8 = ("fp8_e4m3", "fp8_e5m2")
 
 from lpcompile.progress import Progress  # noqa: E402  (phase, done, total)
-
-
-def spec_text(spec: QuantSpec | None) -> str:
-    return FLOAT if spec is None else str(spec)
 
 
 def option_key(weights: QuantSpec | None, activations: QuantSpec | None) -> str:
@@ -102,205 +90,6 @@ class LatencyCosts:
 
     def of(self, name: str, weights: QuantSpec | None, activations: QuantSpec | None) -> float | None:
         return (self.per_layer.get(name) or {}).get(option_key(weights, activations))
-
-
-def parse_spec(text: str | None) -> QuantSpec | None:
-    return None if text in (None, FLOAT, "none", "float32", "fp32", "keep") else QuantSpec.parse(text)
-
-
-def weight_bits(spec: QuantSpec | None, k: int, n: int, float_bits: int = 32) -> int:
-    """Bits a [K, N] weight takes in `spec`: codes, float32 scales and (asymmetric) zero points;
-    `None` keeps it in float (`float_bits` per value: the model's own float32)."""
-    if spec is None:
-        return float_bits * k * n
-    groups = int(np.prod(group_shape(spec, (k, n)))) if group_shape(spec, (k, n)) else 1
-    fmt = spec.format
-    zero_points = groups * fmt.bits if not spec.symmetric else 0
-    scale_bits = spec.scale_format.bits if spec.scale_format is not None else 32
-    return k * n * fmt.bits + groups * scale_bits + zero_points
-
-
-# --- the plan ------------------------------------------------------------------------------------
-
-
-@dataclass
-class LayerChoice:
-    """One layer's entry in the plan (what plan.json holds per layer)."""
-
-    name: str
-    weights: QuantSpec | None
-    activations: QuantSpec | None
-    method: str = "gptq"
-    rotation: str = "none"
-    reason: str = ""
-    shape: tuple[int, int] = (0, 0)  # canonical [K, N] of the weight
-    bits: int = 0  # weight bits of this choice, scales included
-    predicted: dict = field(default_factory=dict)  # {"nsr": ..., "cosine_loss": ...} from sensitivity
-    pinned: bool = False
-    latency_us: float | None = None  # the measured kernel latency of this choice (None: not measured)
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "weights": spec_text(self.weights), "activations": spec_text(self.activations),
-                "method": self.method, "rotation": self.rotation, "reason": self.reason, "shape": list(self.shape),
-                "bits": self.bits, "predicted": self.predicted, "pinned": self.pinned, "latency_us": self.latency_us}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "LayerChoice":
-        return cls(d["name"], parse_spec(d.get("weights")), parse_spec(d.get("activations")), d.get("method", "gptq"),
-                   d.get("rotation", "none"), d.get("reason", ""), tuple(int(v) for v in d.get("shape", (0, 0))),
-                   int(d.get("bits", 0)),
-                   dict(d.get("predicted") or {}), bool(d.get("pinned", False)),
-                   None if d.get("latency_us") is None else float(d["latency_us"]))
-
-
-@dataclass
-class Plan:
-    """Per-layer formats, the budget they were chosen for, and the measurements behind them.
-
-    `pins` (pattern -> {"weights": spec|"float", "activations": ..., "method": ...}) are the
-    user's: fnmatch patterns on layer names that the solver must respect (and a reused plan
-    applies on top of its layers)."""
-
-    layers: list[LayerChoice]
-    budget: dict = field(default_factory=dict)
-    totals: dict = field(default_factory=dict)
-    pins: dict[str, dict] = field(default_factory=dict)
-    sensitivity: dict = field(default_factory=dict)  # layer -> measurements (see Select); "@key", "@seconds"
-
-    def overrides(self) -> tuple[tuple[str, LayerPlan], ...]:
-        """`Quantize(overrides=...)` for this plan: each layer by its exact (escaped) name."""
-        return tuple((glob.escape(c.name), LayerPlan(c.weights, c.activations, c.method)) for c in self.layers)
-
-    def to_json(self) -> dict:
-        return {"version": 1, "budget": self.budget, "totals": self.totals, "pins": self.pins,
-                "layers": [c.to_json() for c in self.layers], "sensitivity": self.sensitivity}
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=2, allow_nan=False))
-
-    @classmethod
-    def from_json(cls, d: dict) -> "Plan":
-        if not isinstance(d, dict) or not isinstance(d.get("layers", []), list):
-            raise LpcompileError("plan: expected a JSON object with a list 'layers'")
-        pins = d.get("pins") or {}
-        if not isinstance(pins, dict):
-            raise LpcompileError("plan: 'pins' must map layer-name patterns to {weights, activations}")
-        try:
-            layers = [LayerChoice.from_json(x) for x in d.get("layers", [])]
-            for pattern, pin in pins.items():
-                parse_spec(pin.get("weights")), parse_spec(pin.get("activations"))
-        except (KeyError, TypeError, AttributeError) as e:
-            raise LpcompileError(f"plan: malformed entry ({type(e).__name__}: {e})") from None
-        except FormatError as e:
-            raise FormatError(f"plan: {e}") from None
-        return cls(layers, dict(d.get("budget") or {}), dict(d.get("totals") or {}), dict(pins),
-                   dict(d.get("sensitivity") or {}))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Plan":
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise LpcompileError(f"plan file not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise LpcompileError(f"plan file {path} is not JSON: {e}") from None
-        return cls.from_json(data)
-
-    def pinned_choice(self, name: str) -> tuple[QuantSpec | None, QuantSpec | None, str] | None:
-        """The last pin whose pattern matches `name` (weights, activations, method), if any."""
-        hit = None
-        for pattern, pin in self.pins.items():
-            if fnmatch.fnmatchcase(name, pattern):
-                hit = (parse_spec(pin.get("weights")), parse_spec(pin.get("activations")), pin.get("method", "gptq"))
-        return hit
-
-    def set_latency(self, costs: LatencyCosts, embeddings: frozenset[str] = frozenset()) -> None:
-        """Each layer's `latency_us` from `costs` and the totals: the sum over the layers timed
-        (`embeddings`, gathers, are not kernels timed), and which layers were not."""
-        untimed = []
-        for c in self.layers:
-            c.latency_us = costs.of(c.name, c.weights, c.activations)
-            if c.latency_us is None and c.name not in embeddings:
-                untimed.append(c.name)
-        timed = [c.latency_us for c in self.layers if c.latency_us is not None]
-        self.totals["latency_us"] = sum(timed) if timed else None
-        self.totals["latency"] = {"tokens": costs.tokens, "target": costs.target, "layers_timed": len(timed),
-                                  "untimed": untimed, "note": costs.note}
-
-    def with_pins_applied(self) -> "Plan":
-        """This plan with every pin written into the layers it matches."""
-        layers = []
-        for c in self.layers:
-            pin = self.pinned_choice(c.name)
-            if pin is not None:
-                w, a, method = pin
-                c = LayerChoice(c.name, w, a, method, c.rotation, "pinned by the user", c.shape,
-                                weight_bits(w, *c.shape), {}, True)
-            layers.append(c)
-        return Plan(layers, self.budget, self.totals, self.pins, self.sensitivity)
-
-
-# --- the solver ------------------------------------------------------------------------------------
-
-
-def solve_budget(costs: Sequence[Sequence[float]], errors: Sequence[Sequence[float]], budget: float,
-                 resolution: int = 4096) -> list[int]:
-    """One option per group minimising Σ error subject to Σ cost <= budget (multiple-choice
-    knapsack, exact DP over what each option costs beyond its group's cheapest, rounded up to
-    `budget / resolution`; with integer costs and resolution == budget it is exact). The cheapest
-    plan is always feasible however the extras round: a budget of exactly the cheapest sum gets
-    it. Raises `LpcompileError` when even the cheapest options exceed the budget."""
-    cheapest = sum(min(c) for c in costs)
-    if cheapest > budget * (1 + 1e-12):
-        raise LpcompileError(f"budget {budget:g} is below the smallest achievable {cheapest:g}")
-    unit = budget / resolution if budget > 0 else 1.0
-    cap = int(math.floor(max(budget - cheapest, 0.0) / unit + 1e-9))  # the slack, in units
-    units = [np.ceil((np.asarray(c, np.float64) - min(c)) / unit - 1e-9).astype(np.int64) for c in costs]
-    best = np.zeros(cap + 1)  # best[r]: least error of the groups so far with total units <= r
-    picks = []
-    for u, e in zip(units, errors):
-        e = np.asarray(e, np.float64)
-        new = np.full(cap + 1, np.inf)
-        arg = np.zeros(cap + 1, np.int32)
-        for j, (uj, ej) in enumerate(zip(u, e)):
-            if uj > cap:
-                continue
-            cand = np.full(cap + 1, np.inf)
-            cand[uj:] = best[: cap + 1 - uj] + ej
-            better = cand < new
-            new[better], arg[better] = cand[better], j
-        best = new
-        picks.append(arg)
-    choice, r = [], cap
-    for u, arg in zip(reversed(units), reversed(picks)):
-        j = int(arg[r])
-        choice.append(j)
-        r -= int(u[j])
-    return choice[::-1]
-
-
-def solve_error(costs: Sequence[Sequence[float]], errors: Sequence[Sequence[float]], max_error: float,
-                resolution: int = 4096) -> list[int]:
-    """One option per group with the least Σ cost subject to Σ error <= max_error (the same DP
-    over costs; the least-cost feasible level is then backtracked). Raises `LpcompileError` when
-    even the most accurate options exceed `max_error`."""
-    floor = sum(min(e) for e in errors)
-    if floor > max_error:
-        raise LpcompileError(f"error target {max_error:g} is below the smallest achievable {floor:g}")
-    top = sum(max(c) for c in costs)
-    lo, hi = sum(min(c) for c in costs), top
-    best = solve_budget(costs, errors, hi, resolution)
-    # Bisection on the budget: the DP's least error is monotone in the budget.
-    for _ in range(40):
-        if hi - lo <= max(top, 1.0) * 1e-6:
-            break
-        mid = 0.5 * (lo + hi)
-        choice = solve_budget(costs, errors, mid, resolution)
-        if sum(errors[i][j] for i, j in enumerate(choice)) <= max_error:
-            hi, best = mid, choice
-        else:
-            lo = mid
-    return best
 
 
 # --- numerics of the candidates, in numpy -----------------------------------------------------------
@@ -352,32 +141,28 @@ class _OutputError:
 class Select(ir.passes.InPlacePass):
     """Measure every layer's sensitivity to each candidate and choose a format per layer.
 
-    Exactly one of `budget_bits` (average weight bits over the linear layers, scales included),
-    `budget_bytes` (total weight bytes), `budget_latency` (microseconds: the sum of the layers'
-    measured kernel latencies, `latency`) or `min_cosine` (predicted mean output cosine) sets the
-    goal. `latency`: the backend's measurements (`LatencyCosts`); needed by `budget_latency`,
-    reported with any goal. `data`: calibration batches (what `CalibrationData.batches` yields), of which the first
-    `samples` samples are used; `Calibrate` must have run (static activation scales).
-    `activations`: the input formats a plan may use (None = float; the default plans weights
-    only, since activation formats do not change weight bits); `analysis_activations` are
-    measured and reported for every layer either way. `emulated`: format names the target runs
-    only by dequantizing to float (flagged in the plan; dropped if not `allow_emulated`).
-    `plan`: a previous or hand-edited plan whose pins are respected. Writes
+    `goal` (`lpcompile.goals`: Bits, Bytes, Latency, MinCosine, or a user's own) picks one option
+    per layer from the measured `Problem`. `latency`: the backend's measurements
+    (`LatencyCosts`); needed by goals that `needs_latency`, reported with any goal. `data`:
+    calibration batches (what `CalibrationData.batches` yields), of which the first `samples`
+    samples are used; `Calibrate` must have run (static activation scales). `activations`: the
+    input formats a plan may use (None = float; default: what the goal considers); the
+    `analysis_activations` are measured and reported for every layer either way. `emulated`:
+    format names the target runs only by dequantizing to float (flagged in the plan; dropped if
+    not `allow_emulated`). `plan`: a previous or hand-edited plan whose pins are respected (and
+    whose measurements are reused when they were taken the same way). Writes
     `model.meta["lpcompile.plan"]`.
     """
 
     data: object
-    budget_bits: float | None = None
-    budget_bytes: float | None = None
-    min_cosine: float | None = None
-    budget_latency: float | None = None
+    goal: Goal
     latency: LatencyCosts | None = None
     samples: int = 32
     batch_size: int = 16
     rows: int = 2048
     weights: tuple[str, ...] = WEIGHT_CANDIDATES
     embeddings: tuple[str, ...] = EMBEDDING_CANDIDATES
-    activations: tuple[str | None, ...] = (None,)
+    activations: tuple[str | None, ...] | None = None
     analysis_activations: tuple[str, ...] = ACTIVATION_CANDIDATES
     method: str = "gptq"
     emulated: frozenset[str] = frozenset()
@@ -387,18 +172,11 @@ class Select(ir.passes.InPlacePass):
     progress: Progress | None = None
 
     def __post_init__(self):
-        goals = [g for g in (self.budget_bits, self.budget_bytes, self.min_cosine, self.budget_latency) if g is not None]
-        if len(goals) != 1:
-            raise LpcompileError("select needs exactly one goal: a bits budget, a bytes budget, a latency budget "
-                                 "or a minimum cosine")
-        if self.budget_bits is not None and not 1.0 <= self.budget_bits <= 32.0:
-            raise LpcompileError(f"--budget {self.budget_bits:g} is not an average weight bit width in [1, 32]")
-        if self.budget_bytes is not None and self.budget_bytes <= 0:
-            raise LpcompileError(f"bytes budget {self.budget_bytes:g} must be positive")
-        if self.budget_latency is not None and not (math.isfinite(self.budget_latency) and self.budget_latency > 0):
-            raise LpcompileError(f"latency budget {self.budget_latency:g} us must be a positive number of microseconds")
-        if self.min_cosine is not None and not 0.0 < self.min_cosine < 1.0:
-            raise LpcompileError(f"--min-cosine {self.min_cosine:g} must lie in (0, 1)")
+        if not isinstance(self.goal, Goal):
+            raise LpcompileError(f"select needs a goal (lpcompile.goals: Bits, Bytes, Latency, MinCosine), "
+                                 f"got {self.goal!r}")
+        if self.activations is None:
+            object.__setattr__(self, "activations", tuple(self.goal.activation_candidates()))
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         start = time.perf_counter()
@@ -408,8 +186,9 @@ class Select(ir.passes.InPlacePass):
         layers = find_linear_layers(model.graph)
         if not layers:
             raise PassError("select: the model has no linear layers")
-        if self.budget_latency is not None and self.latency is None:
-            raise PassError("select: a latency budget needs the backend's kernel latencies (Select.latency)")
+        if self.goal.needs_latency and self.latency is None:
+            raise PassError(f"select: the goal {self.goal} needs the backend's kernel latencies (Select.latency)")
+        self.goal.check_feasible(self.problem(layers))  # before minutes of measuring
         key = self.measurement_key(layers, calibration)
         cached = self.plan is not None and self.plan.sensitivity and self.plan.sensitivity.get("@key") == key
         sens = self.plan.sensitivity if cached else {"@key": key, **measure_sensitivity(model, layers, calibration, self)}
@@ -450,27 +229,33 @@ class Select(ir.passes.InPlacePass):
         # FP8 activations: only the split this layer's outliers call for (see `exmy`).
         acts = [a for a in acts if a is None or a.format.name not in DEPLOYABLE_FP8 or fp8 is None or a.format.name == fp8]
         pairs = [(w, a) for w in weights for a in acts]
-        if self.budget_latency is not None and s is not None:
+        if self.goal.needs_latency and s is not None:
             pairs = [(w, a) for w, a in pairs if self.latency.of(layer.name, w, a) is not None]
         return pairs
 
     def _allowed(self, spec: QuantSpec) -> bool:
         return self.allow_emulated or spec.format.name not in self.emulated
 
-    def solve(self, layers: Sequence[LinearLayer], sens: dict[str, dict]) -> Plan:
+    def problem(self, layers: Sequence[LinearLayer], sens: dict[str, dict] | None = None) -> Problem:
+        """What the goal chooses from: each layer's options with their weight bits, and with
+        `sens` (the measurements) their predicted errors and, where the goal needs them, kernel
+        latencies. Without `sens`, the costs alone: enough to refuse an unreachable budget
+        before measuring anything."""
         groups, costs, nsr, loss, micros = [], [], [], [], []
         for layer in layers:
-            s = sens[layer.name]
+            s = sens[layer.name] if sens is not None else None
             opts = self.options(layer, s)
             if not opts:  # (only a latency budget drops options)
                 raise LpcompileError(f"layer {layer.name}: no candidate format has a native kernel, so a measured "
                                      f"latency, on {self.latency.target or 'the target'}")
             groups.append(opts)
-            k, n = s["shape"]
+            k, n = s["shape"] if s is not None else (layer.in_features, layer.out_features)
             costs.append([weight_bits(w, k, n) for w, _ in opts])
+            if s is None:
+                continue
             nsr.append([_e2e(s, w, a, "nsr") for w, a in opts])
             loss.append([_e2e(s, w, a, "cosine_loss") for w, a in opts])
-            if self.budget_latency is not None:
+            if self.goal.needs_latency:
                 if layer.kind == "embedding":  # a gather: no matmul kernel, not part of the budget
                     micros.append([0.0] * len(opts))
                 elif any(self.latency.of(layer.name, w, a) is None for w, a in opts):  # only a pin gets here
@@ -478,29 +263,19 @@ class Select(ir.passes.InPlacePass):
                                          f"{self.latency.target or 'the target'}, so no latency to budget")
                 else:
                     micros.append([self.latency.of(layer.name, w, a) for w, a in opts])
-        params = sum(sens[l.name]["params"] for l in layers)
-        if self.budget_bits is not None:
-            budget = {"kind": "bits", "value": self.budget_bits}
-            cheapest = sum(min(c) for c in costs) / params
-            if cheapest > self.budget_bits:
-                raise LpcompileError(f"--budget {self.budget_bits:g} bits per weight is below the smallest achievable "
-                                     f"{cheapest:.4f} with these candidates and pins (float layers count 32)")
-            choice = solve_budget(costs, nsr, self.budget_bits * params)
-        elif self.budget_bytes is not None:
-            budget = {"kind": "bytes", "value": self.budget_bytes}
-            choice = solve_budget(costs, nsr, self.budget_bytes * 8)
-        elif self.budget_latency is not None:
-            budget = {"kind": "latency", "value": self.budget_latency, "unit": "us", "tokens": self.latency.tokens}
-            fastest = sum(min(m) for m in micros)
-            if fastest > self.budget_latency:
-                raise LpcompileError(f"latency budget {self.budget_latency:g} us is below the fastest achievable "
-                                     f"{fastest:.1f} us at {self.latency.tokens} tokens with these candidates and pins")
-            choice = solve_budget(micros, nsr, self.budget_latency)
-        else:
-            budget = {"kind": "min_cosine", "value": self.min_cosine}
-            choice = solve_error(costs, loss, 1.0 - self.min_cosine)
+        measured = sens is not None
+        return Problem([l.name for l in layers], [l.kind for l in layers], groups, costs,
+                       nsr if measured else None, loss if measured else None,
+                       micros if measured and self.goal.needs_latency else None,
+                       sum(l.in_features * l.out_features for l in layers))
+
+    def solve(self, layers: Sequence[LinearLayer], sens: dict[str, dict]) -> Plan:
+        problem = self.problem(layers, sens)
+        choice = self.goal.solve(problem)
+        budget = self.goal.budget()
+        groups, costs, nsr, loss = problem.options, problem.bits, problem.nsr, problem.cosine_loss
         chosen, unmeasured = [], []
-        counted = micros if self.budget_latency is not None else costs  # what the reasons compare
+        counted = problem.latency_us if problem.latency_us is not None else costs  # what the reasons compare
         for layer, opts, j, c_, e_, l_, r_ in zip(layers, groups, choice, costs, nsr, loss, counted):
             w, a = opts[j]
             s = sens[layer.name]
@@ -533,7 +308,7 @@ class Select(ir.passes.InPlacePass):
             return "pinned by the user"
         parts = []
         cheaper = [i for i in range(len(opts)) if costs[i] < costs[j]]
-        faster = "faster " if self.budget_latency is not None else ""
+        faster = "faster " if self.goal.needs_latency else ""
         if cheaper:
             i = min(cheaper, key=lambda i: errors[i])
             name = option_key(*opts[i]).replace("|", " x ") if opts[i][1] is not None else spec_text(opts[i][0])

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lpcompile.errors import FormatError
 from lpcompile.formats import FloatFormat, IntFormat, PerBlock, PerChannel, PerTensor, QuantSpec
 
 _CLIP_RATIOS = np.linspace(1.0, 0.5, 26)
@@ -211,12 +212,20 @@ def quantize_weight(
 ) -> QuantizedWeight:
     """Quantize canonical [K, N] weights by `method` in {"rtn", "mse", "gptq"}.
 
-    "gptq" without a Hessian, or with a granularity it cannot use, falls back to "mse".
+    "gptq" without a Hessian, or with a granularity it cannot use (`gptq_applies`), falls back to
+    "mse" (`lpcompile.passes.quantize.effective_method` says which ran, for the report).
     """
-    if method == "gptq" and gram is not None:
-        g = spec.granularity
-        if not (isinstance(g, PerBlock) and g.axis != 0 or isinstance(g, PerChannel) and g.axis != 1):
-            return quantize_gptq(w, spec, gram)
+    if method not in ("rtn", "mse", "gptq"):
+        raise FormatError(f"unknown weight method {method!r}; choose one of: rtn, mse, gptq")
+    if method == "gptq" and gram is not None and gptq_applies(spec):
+        return quantize_gptq(w, spec, gram)
     if method == "rtn":
         return quantize_rtn(w, spec, clip_search=False)
     return quantize_rtn(w, spec, clip_search=True)
+
+
+def gptq_applies(spec: QuantSpec) -> bool:
+    """GPTQ quantizes input rows one at a time, spreading each row's error over the rows left: it
+    needs groups that lie along the input axis (per tensor, per output channel, blocks along K)."""
+    g = spec.granularity
+    return not (isinstance(g, PerBlock) and g.axis != 0 or isinstance(g, PerChannel) and g.axis != 1)

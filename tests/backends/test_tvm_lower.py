@@ -192,12 +192,13 @@ def test_online_hadamard_lowers_and_matches_ort():
     import onnx_ir as ir
 
     from lpcompile.formats import QuantSpec
-    from lpcompile.passes import Quantize, Rotate
+    from lpcompile.passes import Quantize, Rotate, UniformPlan
     from tests.conftest import mlp_model
 
     model = mlp_model()
     Rotate(mode="online")(model)
-    Quantize(QuantSpec.parse("int4:block(0,128):sym"))(model)
+    UniformPlan(QuantSpec.parse("int4:block(0,128):sym"))(model)
+    Quantize()(model)
     proto = ir.to_proto(model)
     assert any(n.op_type == "Hadamard" for n in proto.graph.node)
     ex, report = compile_model(proto, TARGET)

@@ -12,7 +12,8 @@ import pytest
 import lpcompile
 from lpcompile.calibration_data import as_calibration_data
 from lpcompile.formats import PerBlock, QuantSpec
-from lpcompile.passes import Calibrate, Quantize
+from lpcompile.errors import FormatError, PassError
+from lpcompile.passes import Calibrate, Quantize, UniformPlan
 from lpcompile.recipes import RECIPES
 from tests.conftest import mlp_model, ort_run, sqnr_db
 
@@ -23,6 +24,12 @@ SQNR_FLOOR_DB = {"int4": 11.0, "w8a16": 35.0, "int8": 29.0, "w4a8": 11.0, "w4a4"
 def _calib(n=4, seed=0):
     rng = np.random.default_rng(seed)
     return [{"x": rng.standard_normal((8, 8, 256)).astype(np.float32)} for _ in range(n)]
+
+
+def _quantize(model, weights, activations=None, **kw):
+    """A uniform plan (what a recipe means), then Quantize applying it."""
+    UniformPlan(weights, activations, **kw)(model)
+    return Quantize()(model)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +94,7 @@ def test_int4_file_is_about_one_eighth_of_fp32(tmp_path):
 
 def test_per_token_function_matches_numpy_per_row_quantization():
     model = mlp_model()
-    Quantize(QuantSpec.parse("int8:channel(1):sym"), QuantSpec.parse("int8:token:sym:dynamic"))(model)
+    _quantize(model, QuantSpec.parse("int8:channel(1):sym"), QuantSpec.parse("int8:token:sym:dynamic"))
     x = np.random.default_rng(5).standard_normal((2, 3, 256)).astype(np.float32)
     x[0, 1] *= 40.0  # one loud token must not change the others' scales
     proto = ir.to_proto(model)
@@ -121,7 +128,7 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
     for method in ("rtn", "mse", "gptq"):
         m = ir.serde.deserialize_model(proto)
         Calibrate(as_calibration_data(calib, m), batch_size=256, gram_for=None)(m)
-        Quantize(spec, method=method)(m)
+        _quantize(m, spec, method=method)
         errors[method] = sqnr_db(ref, ort_run(m, test)[0])
     assert errors["mse"] > errors["rtn"]
     assert errors["gptq"] > errors["mse"] + 1.0, errors
@@ -129,17 +136,20 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
 
 def test_exclude_keeps_layers_in_float_and_rerun_changes_nothing():
     model = mlp_model()
-    q = Quantize(QuantSpec.parse("int8:channel(1):sym"), exclude=(":first", "w3"))
-    assert q(model).modified
+    assert _quantize(model, QuantSpec.parse("int8:channel(1):sym"), exclude=(":first", "w3")).modified
     by_layer = {n.inputs[1].name: n for n in model.graph if n.op_type in ("MatMul", "Gemm")}
     assert set(by_layer) == {"w1", "w2_dq", "w3"}
-    assert not q(model).modified
+    plan = model.meta["lpcompile.plan"]
+    assert [(c.name, c.weights is None, c.reason) for c in plan.layers if c.weights is None] == [
+        ("w1", True, "excluded by the user"), ("w3", True, "excluded by the user")]
+    assert not Quantize()(model).modified  # the plan applied again: its layers are already quantized
+    assert not _quantize(model, QuantSpec.parse("int8:channel(1):sym"), exclude=(":first", "w3")).modified
 
 
 def test_does_not_fire_without_constant_weights():
     text = '<ir_version: 10, opset_import: ["" : 21]> g (float[4,8] x, float[8,4] w) => (float[4,4] y) { y = MatMul(x, w) }'
     model = ir.serde.deserialize_model(onnx.parser.parse_model(text))
-    assert not Quantize(QuantSpec.parse("int4:block(0,128):sym"))(model).modified
+    assert not _quantize(model, QuantSpec.parse("int4:block(0,128):sym")).modified
 
 
 def test_embedding_tables_and_old_opsets():
@@ -154,7 +164,7 @@ def test_embedding_tables_and_old_opsets():
     ref = ort_run(proto, ids)[0]
     model = ir.serde.deserialize_model(proto)
     spec = QuantSpec.parse("int4:block(0,128):sym")
-    assert Quantize(spec, embeddings=spec)(model).modified
+    assert _quantize(model, spec, embeddings=spec).modified
     assert model.opset_imports[""] == 21
     gather_dq = next(n for n in model.graph if n.op_type == "DequantizeLinear" and n.outputs[0].name == "table_dq")
     assert gather_dq.attributes["axis"].as_int() == 1 and gather_dq.attributes["block_size"].as_int() == 128
@@ -165,7 +175,34 @@ def test_embedding_tables_and_old_opsets():
 def test_static_activations_need_calibration():
     model = mlp_model()
     with pytest.raises(lpcompile.errors.PassError, match="calibration"):
-        Quantize(QuantSpec.parse("int8:channel(1):sym"), QuantSpec.parse("int8:tensor:sym"))(model)
+        _quantize(model, QuantSpec.parse("int8:channel(1):sym"), QuantSpec.parse("int8:tensor:sym"))
+
+
+def test_quantize_applies_a_plan_and_nothing_else():
+    model = mlp_model()
+    with pytest.raises(PassError, match="applies a plan"):
+        Quantize()(model)
+    with pytest.raises(FormatError, match="unknown weight method 'magic'"):
+        UniformPlan(QuantSpec.parse("int8:channel(1):sym"), method="magic")(model)
+
+
+@pytest.mark.parametrize("spec, calibrated, ran, note", [
+    ("int4:block(0,128):sym", True, "gptq", None),
+    ("int8:channel(0):sym", True, "mse", "cannot use granularity"),
+    ("int4:block(1,32):sym", True, "mse", "cannot use granularity"),
+    ("int4:block(0,128):sym", False, "mse", "no calibration statistics"),
+])
+def test_the_report_records_the_weight_method_that_ran(spec, calibrated, ran, note):
+    """GPTQ asked, but where it cannot run (no XᵀX, groups across the input axis) MSE runs: the
+    report says so, not "gptq"."""
+    model = mlp_model()
+    if calibrated:
+        Calibrate(as_calibration_data(_calib(), model), gram_for=None)(model)
+    _quantize(model, QuantSpec.parse(spec), method="gptq")
+    layers = lpcompile.report.quantized_layers(model)
+    assert {n.metadata_props["lpcompile.weight_method"] for n in layers} == {ran}
+    notes = {n.metadata_props.get("lpcompile.weight_method_note") for n in layers}
+    assert notes == {None} if note is None else all(note in (t or "") for t in notes)
 
 
 def test_passes_compose_in_an_onnx_ir_pass_manager():
@@ -174,7 +211,8 @@ def test_passes_compose_in_an_onnx_ir_pass_manager():
     manager = ir.passes.PassManager([
         lpcompile.passes.Canonicalize(),
         Calibrate(data),
-        Quantize(RECIPES["int8"].weights, RECIPES["int8"].activations),
+        UniformPlan.from_recipe(RECIPES["int8"]),
+        Quantize(),
         lpcompile.passes.Cleanup(),
     ])
     assert manager(model).modified

@@ -16,7 +16,7 @@ from lpcompile.frontend import capture
 from lpcompile.ir import DOMAIN
 from lpcompile.ir.hadamard import HADAMARD_OP
 from lpcompile.ir.patterns import find_linear_layers
-from lpcompile.passes import Calibrate, Cleanup, Quantize, Rotate
+from lpcompile.passes import Calibrate, Cleanup, Quantize, Rotate, UniformPlan
 from lpcompile.passes.rotate import REPORT_KEY, ROTATION_KEY, outlier_stats
 from lpcompile.formats import QuantSpec
 from lpcompile.calibration_data import as_calibration_data
@@ -203,7 +203,8 @@ def test_llama_w8a8_static_gains_sqnr_from_rotation(llama):
         if rotate:
             Rotate(mode="auto")(model)
         Calibrate(as_calibration_data(calib, model), 8)(model)
-        Quantize(spec("int8:channel(1):sym"), spec("uint8:tensor:asym"), spec("int8:channel(1):sym"), "rtn")(model)
+        UniformPlan(spec("int8:channel(1):sym"), spec("uint8:tensor:asym"), spec("int8:channel(1):sym"), "rtn")(model)
+        Quantize()(model)
         Cleanup()(model)
         return np.concatenate([ort_run(model, b)[0] for b in evals])
 
@@ -474,8 +475,9 @@ def _quantized_cosine(base, calib_dir, feeds, rotate, weights, activations, embe
     if rotate:
         Rotate(mode="auto")(model)
     Calibrate(as_calibration_data(str(calib_dir), model), 8, None if method == "gptq" else frozenset())(model)
-    Quantize(QuantSpec.parse(weights), QuantSpec.parse(activations),
-             QuantSpec.parse(embeddings) if embeddings else None, method)(model)
+    UniformPlan(QuantSpec.parse(weights), QuantSpec.parse(activations),
+                QuantSpec.parse(embeddings) if embeddings else None, method)(model)
+    Quantize()(model)
     Cleanup()(model)
     ref, got = _embed(base, feeds), _embed(model, feeds)
     cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)

@@ -16,10 +16,11 @@ from lpcompile.errors import LpcompileError
 from lpcompile.formats import QuantSpec
 from lpcompile.ir.patterns import find_linear_layers
 from lpcompile.passes.calibrate import CALIBRATION_KEY, Calibrate
-from lpcompile.passes.quantize import LayerPlan, Quantize
-from lpcompile.passes.select import (
-    PLAN_KEY, LayerChoice, Plan, Select, solve_budget, solve_error, weight_bits,
-)
+from lpcompile.goals import Bits, Latency, MinCosine, from_flags
+from lpcompile.passes.quantize import Quantize, UniformPlan
+from lpcompile.passes.select import Select
+from lpcompile.plan import PLAN_KEY, LayerChoice, Plan, weight_bits
+from lpcompile.solver import solve_budget, solve_error
 from lpcompile.report import quantized_layers, weight_bytes
 from tests.conftest import mlp_model, ort_run, sqnr_db
 
@@ -104,19 +105,22 @@ def test_infeasible_goals_are_named_errors():
         solve_budget([[4, 8], [4, 8]], [[1, 0], [1, 0]], 7)
     with pytest.raises(LpcompileError, match="below the smallest achievable"):
         solve_error([[4, 8]], [[1.0, 0.5]], 0.1)
-    with pytest.raises(LpcompileError, match="exactly one goal"):
-        Select(None)
+    with pytest.raises(LpcompileError, match="select needs a goal"):
+        Select(None, 4.5)
     with pytest.raises(LpcompileError, match="bit width"):
-        Select(None, budget_bits=0.5)
+        Bits(0.5)
     with pytest.raises(LpcompileError, match=r"\(0, 1\)"):
-        Select(None, min_cosine=1.2)
+        MinCosine(1.2)
+    with pytest.raises(LpcompileError, match="finite number"):
+        Bits(float("nan"))
 
 
 @pytest.mark.parametrize("spec", ["int4:block(0,128):sym", "int4:channel(1):sym", "int8:channel(1):sym",
                                   "uint4:block(0,32):asym", "fp8_e4m3:channel(1):sym"])
 def test_weight_bits_are_the_bits_quantize_stores(spec):
     model = mlp_model()
-    Quantize(QuantSpec.parse(spec), method="rtn")(model)
+    UniformPlan(QuantSpec.parse(spec), method="rtn")(model)
+    Quantize()(model)
     shapes = {l.name: (l.in_features, l.out_features) for l in find_linear_layers(mlp_model().graph)}
     for node in quantized_layers(model):
         k, n = shapes[node.metadata_props["lpcompile.layer"]]
@@ -140,16 +144,16 @@ def _calibrated(seed=0, samples=32):
 @pytest.fixture(scope="module")
 def selected():
     model, data, x = _calibrated()
-    result = Select(data, budget_bits=6.0, activations=(None, "int8:token:sym:dynamic"))(model)
+    result = Select(data, Bits(6.0), activations=(None, "int8:token:sym:dynamic"))(model)
     assert result.modified is False
     return model, data, x, model.meta[PLAN_KEY]
 
 
-def _only(model, name, plan: LayerPlan):
-    """`model` (calibrated, float) with only layer `name` quantized by Quantize, as QDQ."""
+def _only(model, choice: LayerChoice):
+    """`model` (calibrated, float) with only the layer of `choice` quantized by Quantize, as QDQ."""
     copy = ir.from_proto(ir.to_proto(model))
     copy.meta[CALIBRATION_KEY] = model.meta[CALIBRATION_KEY]
-    Quantize(None, overrides=((name, plan),))(copy)
+    Quantize(Plan([choice]))(copy)
     return copy
 
 
@@ -159,10 +163,10 @@ def test_end_to_end_sensitivity_matches_onnxruntime_on_the_quantized_model(selec
     sens = plan.sensitivity[layer]
     ref = ort_run(model, {"x": x})[0]
     for spec in ("int4:channel(1):sym", "int8:channel(1):sym"):
-        got = ort_run(_only(model, layer, LayerPlan(QuantSpec.parse(spec), None, "gptq")), {"x": x})[0]
+        got = ort_run(_only(model, LayerChoice(layer, QuantSpec.parse(spec), None, "gptq")), {"x": x})[0]
         assert sens["e2e_weights"][spec]["sqnr_db"] == pytest.approx(sqnr_db(ref, got), abs=0.02)
     for spec in ("int8:token:sym:dynamic", "fp8_e4m3:tensor:sym:mse", "uint8:tensor:asym"):
-        got = ort_run(_only(model, layer, LayerPlan(None, QuantSpec.parse(spec))), {"x": x})[0]
+        got = ort_run(_only(model, LayerChoice(layer, None, QuantSpec.parse(spec))), {"x": x})[0]
         assert sens["e2e_activations"][spec]["sqnr_db"] == pytest.approx(sqnr_db(ref, got), abs=0.02)
 
 
@@ -185,7 +189,7 @@ def test_materialized_plan_costs_what_was_budgeted(selected):
     model, data, x, plan = selected
     qdq = ir.from_proto(ir.to_proto(model))
     qdq.meta[CALIBRATION_KEY] = model.meta[CALIBRATION_KEY]
-    Quantize(None, overrides=plan.overrides())(qdq)
+    Quantize(plan)(qdq)
     stored = {n.metadata_props["lpcompile.layer"]: weight_bytes(qdq, n)[1] * 8 for n in quantized_layers(qdq)}
     for c in plan.layers:
         assert stored.get(c.name, c.bits if c.weights is None else None) == c.bits
@@ -194,17 +198,17 @@ def test_materialized_plan_costs_what_was_budgeted(selected):
 def test_pins_are_respected_and_charged(selected):
     model, data, x, _ = selected
     pins = {"w1": {"weights": "int8:channel(1):sym", "activations": "float"}, "w[23]": {"weights": "float"}}
-    Select(data, budget_bits=24.0, plan=Plan([], pins=pins))(model)
+    Select(data, Bits(24.0), plan=Plan([], pins=pins))(model)
     plan = model.meta[PLAN_KEY]
     got = {c.name: (str(c.weights), c.pinned) for c in plan.layers}
     assert got == {"w1": ("int8:channel(1):sym", True), "w2": ("None", True), "w3": ("None", True)}
     # a pin to a format that is not a candidate: allowed, its error unknown (and said so)
-    Select(data, budget_bits=24.0, plan=Plan([], pins={"w1": {"weights": "int4:block(0,32):sym", "method": "rtn"}}))(model)
+    Select(data, Bits(24.0), plan=Plan([], pins={"w1": {"weights": "int4:block(0,32):sym", "method": "rtn"}}))(model)
     w1 = model.meta[PLAN_KEY].layers[0]
     assert (str(w1.weights), w1.method, w1.pinned) == ("int4:block(0,32):sym", "rtn", True)
     assert model.meta[PLAN_KEY].totals["unmeasured_pins"] == ["w1"]
     with pytest.raises(LpcompileError, match="below the smallest achievable 23.3"):
-        Select(data, budget_bits=8.0, plan=Plan([], pins=pins))(model)
+        Select(data, Bits(8.0), plan=Plan([], pins=pins))(model)
 
 
 def test_plan_json_round_trip_and_pins_on_reuse(selected, tmp_path):
@@ -252,12 +256,12 @@ def test_measurements_are_cached_in_the_plan_and_reused_for_a_new_goal(selected,
     model, data, x, plan = selected
     plan.save(tmp_path / "plan.json")
     reused = Plan.load(tmp_path / "plan.json")
-    Select(data, budget_bits=4.2, activations=(None, "int8:token:sym:dynamic"), plan=reused)(model)
+    Select(data, Bits(4.2), activations=(None, "int8:token:sym:dynamic"), plan=reused)(model)
     again = model.meta[PLAN_KEY]
     assert again.totals["sensitivity_cached"] and again.totals["avg_weight_bits"] <= 4.2
     assert again.sensitivity["w2"]["e2e_weights"] == plan.sensitivity["w2"]["e2e_weights"]
     # other measurement settings: measured afresh
-    Select(data, budget_bits=4.2, samples=16, plan=reused)(model)
+    Select(data, Bits(4.2), samples=16, plan=reused)(model)
     assert not model.meta[PLAN_KEY].totals["sensitivity_cached"]
 
 
@@ -271,7 +275,7 @@ def test_numpy_activation_quantization_is_what_onnxruntime_computes(spec):
 
     model, _, x = _calibrated()
     stats = model.meta[CALIBRATION_KEY].stats["x"]
-    Quantize(None, overrides=(("w1", LayerPlan(None, QuantSpec.parse(spec))),))(model)
+    Quantize(Plan([LayerChoice("w1", None, QuantSpec.parse(spec))]))(model)
     proto = ir.to_proto(model)
     proto.graph.output.append(onnx.ValueInfoProto(name="x_qdq"))
     got = ort_run(proto, {"x": x})[1]
@@ -310,7 +314,7 @@ def _brute_latency(select, layers, sens, costs):
         picks = [g[j] for g, j in zip(groups, choice)]
         us = sum(costs.of(l.name, w, a) for l, (w, a) in zip(layers, picks))
         err = sum(_e2e(sens[l.name], w, a, "nsr") for l, (w, a) in zip(layers, picks))
-        if us <= select.budget_latency and (best is None or err < best):
+        if us <= select.goal.value and (best is None or err < best):
             best = err
     return best
 
@@ -324,7 +328,7 @@ def test_latency_budget_is_met_by_the_exact_knapsack(selected, seed):
     fastest = sum(min(costs.per_layer[l.name].values()) for l in layers)
     slowest = sum(max(costs.per_layer[l.name].values()) for l in layers)
     budget = float(rng.uniform(fastest, 0.5 * (fastest + slowest)))
-    select = Select(data, budget_latency=budget, latency=costs, activations=(None, "int8:token:sym:dynamic"))
+    select = Select(data, Latency(budget), latency=costs, activations=(None, "int8:token:sym:dynamic"))
     got = select.solve(layers, plan.sensitivity)
     assert got.budget == {"kind": "latency", "value": budget, "unit": "us", "tokens": 1}
     spent = sum(c.latency_us for c in got.layers)
@@ -343,31 +347,31 @@ def test_latency_budget_skips_options_without_a_kernel_and_names_errors(selected
     w8a8 = option_key(QuantSpec.parse("int8:channel(1):sym"), QuantSpec.parse("int8:token:sym:dynamic"))
     costs = _latency_table(plan, np.random.default_rng(0), drop={(l.name, w8a8) for l in layers})
     generous = sum(max(t.values()) for t in costs.per_layer.values()) * 2
-    got = Select(data, budget_latency=generous, latency=costs, activations=acts).solve(layers, plan.sensitivity)
+    got = Select(data, Latency(generous), latency=costs, activations=acts).solve(layers, plan.sensitivity)
     assert all(option_key(c.weights, c.activations) != w8a8 for c in got.layers)
     assert all(c.latency_us is not None for c in got.layers)
     # a pin to an option with no kernel cannot be budgeted
     pins = {"w2": {"weights": "int8:channel(1):sym", "activations": "int8:token:sym:dynamic"}}
     with pytest.raises(LpcompileError, match="w2: its pinned format has no native kernel"):
-        Select(data, budget_latency=generous, latency=costs, activations=acts,
+        Select(data, Latency(generous), latency=costs, activations=acts,
                plan=Plan([], pins=pins)).solve(layers, plan.sensitivity)
     bare = dataclasses.replace(costs, per_layer={**costs.per_layer, "w3": {}})
     with pytest.raises(LpcompileError, match="w3: no candidate format has a native kernel"):
-        Select(data, budget_latency=generous, latency=bare, activations=acts).solve(layers, plan.sensitivity)
+        Select(data, Latency(generous), latency=bare, activations=acts).solve(layers, plan.sensitivity)
     fastest = sum(min(t.values()) for t in costs.per_layer.values())
     with pytest.raises(LpcompileError, match=f"below the fastest achievable {fastest:.1f} us"):
-        Select(data, budget_latency=fastest * 0.9, latency=costs, activations=acts).solve(layers, plan.sensitivity)
+        Select(data, Latency(fastest * 0.9), latency=costs, activations=acts).solve(layers, plan.sensitivity)
     with pytest.raises(LpcompileError, match="positive number of microseconds"):
-        Select(data, budget_latency=0.0)
-    with pytest.raises(LpcompileError, match="exactly one goal"):
-        Select(data, budget_latency=10.0, budget_bits=4.0)
+        Latency(0.0)
+    with pytest.raises(LpcompileError, match="one goal at a time"):
+        from_flags({"budget": 4.0, "budget_latency": 10.0})
     with pytest.raises(PassError, match="needs the backend's kernel latencies"):
-        Select(data, budget_latency=10.0)(model)
+        Select(data, Latency(10.0))(model)
 
 
 def test_any_goal_reports_the_latency_it_was_given(selected):
     model, data, x, plan = selected
     costs = _latency_table(plan, np.random.default_rng(1))
-    got = Select(data, budget_bits=6.0, latency=costs).solve(find_linear_layers(model.graph), plan.sensitivity)
+    got = Select(data, Bits(6.0), latency=costs).solve(find_linear_layers(model.graph), plan.sensitivity)
     assert got.totals["latency_us"] == pytest.approx(sum(costs.of(c.name, c.weights, c.activations) for c in got.layers))
     assert got.totals["latency"]["layers_timed"] == 3 and got.totals["latency"]["untimed"] == []
