@@ -144,6 +144,18 @@ def _ensure_cuda_runtime() -> None:
         raise ArtifactError(f"TVM's CUDA runtime could not be loaded ({str(e).splitlines()[0]})") from None
 
 
+def _check_gpu_arch(root: Path, binaries: list[dict], compute_version: str | None) -> None:
+    """The fatbins are built for one SM arch: a GPU older than it cannot run them."""
+    if not compute_version:
+        return
+    have = int(str(compute_version).replace(".", ""))
+    for b in binaries:
+        want = int(str(b.get("arch", "sm_0"))[3:].rstrip("a") or 0)
+        if have < want:
+            raise ArtifactError(f"{root}: compiled for {b['arch']}, this GPU is sm_{have}; compile for "
+                                f"--target cuda:sm_{have}")
+
+
 class TvmModel:
     """A compiled model: `model(*arrays)` / `model(name=array, ...)` / `model.run(feeds)`."""
 
@@ -161,6 +173,8 @@ class TvmModel:
         self.device = tvm.cuda(0) if self.is_cuda else tvm.cpu(0)
         if kind == "cuda" and not self.device.exist:
             raise ArtifactError(f"{self.path}: compiled for CUDA but no CUDA device is available")
+        if self.is_cuda:
+            _check_gpu_arch(self.path, self.manifest.get("cuda_binaries") or [], self.device.compute_version)
         self._tvm = tvm
         if self.is_cuda:
             _serve_cuda_binaries(self.path, self.manifest.get("cuda_binaries") or [])

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -373,3 +374,13 @@ def test_cuda_artifact_carries_nvcc_fatbins(tmp_path):
     for b in m["cuda_binaries"]:
         data = (tmp_path / b["file"]).read_bytes()
         assert b["arch"] == "sm_89" and data[:4] == b"\x50\xed\x55\xba" and len(data) == b["bytes"]  # fatbin magic
+
+
+def test_a_gpu_older_than_the_fatbins_is_refused():
+    from lpcompile.runtime.tvm import ArtifactError, _check_gpu_arch
+
+    binaries = [{"file": "cuda0.fatbin", "arch": "sm_89"}]
+    _check_gpu_arch(Path("a"), binaries, "9.0")
+    _check_gpu_arch(Path("a"), binaries, "8.9")
+    with pytest.raises(ArtifactError, match="compiled for sm_89, this GPU is sm_80"):
+        _check_gpu_arch(Path("a"), binaries, "8.0")
