@@ -9,8 +9,8 @@ Accepted sources (`as_calibration_data`):
 
 Every batch is validated before any work: all model inputs present, at least one sample, numeric
 dtypes that fit the model's (floats are not token ids), ranks and static dims match (named dims
-agree between inputs), floats finite, token ids inside the table they index; and there must be
-enough samples for one batch of a model with a static batch dimension.
+agree between inputs), floats finite, token ids inside the table they index, and at least as many
+samples as a static batch dimension asks for.
 """
 
 from __future__ import annotations
@@ -119,7 +119,8 @@ def as_calibration_data(source, model: ir.Model, seed: int = 0) -> CalibrationDa
             raise CalibrationError(f"bad calibration source {source!r}: expected random:N with N >= 1")
         n = int(m.group(1))
         data = CalibrationData(specs, f"random:{n} (smoke run: random inputs, not real data)", True, _random_n=n, seed=seed)
-        return _check_enough(data, [_validate(next(data._blocks()), specs, source)], source)  # fail now, not mid-pass
+        _validate(next(data._blocks()), specs, source)  # fail now (e.g. fewer than a static batch), not mid-pass
+        return data
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():
@@ -127,31 +128,19 @@ def as_calibration_data(source, model: ir.Model, seed: int = 0) -> CalibrationDa
         files = sorted(path.glob("*.npz")) if path.is_dir() else [path]
         if not files:
             raise CalibrationError(f"no .npz files in calibration directory {path}")
-        # validate everything up front; reading is cheap next to running the model
-        blocks = [_validate(_read_npz(f), specs, str(f)) for f in files]
+        for f in files:  # validate everything up front; reading is cheap next to running the model
+            _validate(_read_npz(f), specs, str(f))
         n = len(files)
         label = f"{path}" + (f" ({n} files)" if path.is_dir() else "")
-        return _check_enough(CalibrationData(specs, label, _files=files), blocks, str(path))
+        return CalibrationData(specs, label, _files=files)
     if isinstance(source, Mapping):
         source = [source]
     if isinstance(source, Iterable):
         batches = [_validate(dict(b), specs, f"batch {i}") for i, b in enumerate(source)]
         if not batches:
             raise CalibrationError("calibration data is empty")
-        return _check_enough(CalibrationData(specs, f"{len(batches)} in-memory batches", _batches=batches), batches,
-                             "calibration data")
+        return CalibrationData(specs, f"{len(batches)} in-memory batches", _batches=batches)
     raise CalibrationError(f"cannot use {type(source).__name__} as calibration data")
-
-
-def _check_enough(data: CalibrationData, blocks: list[dict[str, np.ndarray]], where: str) -> CalibrationData:
-    """`data` if it makes at least one batch: a model with a static batch dimension runs on whole
-    batches of that size only, and a block smaller than one is skipped."""
-    fixed = data.fixed_batch
-    if fixed and not any(_num_samples(b) >= fixed for b in blocks):
-        most = max((_num_samples(b) for b in blocks), default=0)
-        raise CalibrationError(f"{where}: {most} samples, fewer than the model's static batch size {fixed}: "
-                               "no batch to calibrate on")
-    return data
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
