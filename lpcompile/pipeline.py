@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +48,8 @@ LATENCY_KEY = "lpcompile.latency_costs"  # model.meta: LatencyCosts from Measure
 
 
 def pass_name(p) -> str:
-    return getattr(p, "name_in_pipeline", None) or type(p).__name__.lower()
+    """How a pass is named in a pipeline: the name it was given, else its class in kebab case."""
+    return getattr(p, "name_in_pipeline", None) or re.sub(r"(?<!^)(?=[A-Z])", "-", type(p).__name__).lower()
 
 
 class Pipeline(ir.passes.PassBase):
