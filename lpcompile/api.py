@@ -30,9 +30,10 @@ from lpcompile.passes.rotate import REPORT_KEY as ROTATE_KEY
 from lpcompile.passes.select import Select
 from lpcompile.pipeline import REFERENCE_KEY, Pipeline, build_pipeline, split_for_verification
 from lpcompile.plan import PLAN_KEY, Plan
+from lpcompile.progress import Progress
 from lpcompile.recipes import Recipe, get_recipe
 from lpcompile.report import build_report, dumps, select_report, to_markdown
-from lpcompile.targets import KINDS as TARGETS, Target, parse as parse_target
+from lpcompile.targets import KINDS as TARGETS, parse as parse_target
 
 __all__ = ["capture", "compile", "CompiledModel", "TARGETS", "EMITS"]
 
@@ -41,9 +42,6 @@ log = logging.getLogger(__name__)
 AUTO = "auto"  # --format auto: a per-layer plan from the select pass (under a goal) or a user's plan
 EMITS = ("onnx", "tvm")
 ROTATE_MODES = ("auto", "online", "fold", "off")
-
-Progress = Callable[[str, int, int], None]
-
 
 @dataclass
 class CompiledModel:

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from lpcompile import goals
+from lpcompile import goals, targets
 from lpcompile.errors import LpcompileError
 from lpcompile.output import check_output_dir
 
@@ -61,7 +61,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lpcompile.api import EMITS, TARGETS
+    from lpcompile.api import EMITS
     from lpcompile.recipes import RECIPES
 
     from importlib import metadata
@@ -83,9 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"lpcompile {version}")
     p.add_argument("model", help="an .onnx file (external data next to it is fine)")
-    p.add_argument("--target", default="llvm",
-                   help=f"{' | '.join(TARGETS)}: llvm = this CPU; aarch64[:CPU] cross-compiles for 64-bit Arm Linux "
-                        "(LLVM CPU name, e.g. neoverse-v1); cuda[:sm_80|sm_86|sm_89|sm_90] (default sm_80)")
+    p.add_argument("--target", default="llvm", help=targets.HELP)
     p.add_argument("--format", default="int4", choices=[*RECIPES, "auto"],
                    help="quantization recipe (default int4), or auto: a per-layer choice under --budget / --min-cosine")
     for flag, (_, metavar, text) in goals.FLAGS.items():  # one goal at a time (lpcompile.goals)
@@ -95,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 1, a decode step; an encoder over sentences: their typical length)")
     p.add_argument("--plan", metavar="FILE",
                    help="--format auto: a plan.json to reuse (alone) or whose pins to respect (with a goal)")
-    p.add_argument("-o", "--output", help="output directory (default: <model-stem>.lpc next to the model)")
+    p.add_argument("-o", "--output", help="output directory (default: <model-stem>.lpc next to the model): new, empty, or a "
+                   "previous lpcompile output, which it replaces when the new one is complete")
     p.add_argument("--calibration", help="an .npz file (arrays named after the model inputs, first axis = samples), "
                    "a directory of them, or random:N for a smoke run")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",

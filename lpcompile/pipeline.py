@@ -23,8 +23,8 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -33,16 +33,16 @@ from lpcompile.calibration_data import CalibrationData
 from lpcompile.errors import LpcompileError, PassError
 from lpcompile.goals import Goal
 from lpcompile.ir.patterns import find_linear_layers
-from lpcompile.passes.calibrate import CALIBRATION_KEY, Calibrate
+from lpcompile.passes.calibrate import Calibrate
 from lpcompile.passes.cleanup import Cleanup
 from lpcompile.passes.quantize import Quantize, UniformPlan
-from lpcompile.passes.rotate import REPORT_KEY as ROTATE_KEY, Rotate
+from lpcompile.passes.rotate import Rotate
 from lpcompile.passes.select import LatencyCosts, Select, option_key, spec_text
 from lpcompile.plan import PLAN_KEY, Plan
+from lpcompile.progress import Progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int], None]
 REFERENCE_KEY = "lpcompile.reference"  # model.meta: the float model errors are measured against
 LATENCY_KEY = "lpcompile.latency_costs"  # model.meta: LatencyCosts from MeasureLatency
 
@@ -403,7 +403,7 @@ def build_pipeline(*, recipe=None, goal: Goal | None = None, plan: Plan | None =
         passes.append(_named(UniformPlan.from_recipe(recipe, exclude), "plan"))
     elif goal is not None:
         select = Select(data, goal, batch_size=max(batch_size, 16), plan=plan, **target.select_options(),
-                        rotation=rotate, progress=progress)
+                        rotation=rotate, progress=progress, cache=True)
         if goal.needs_latency:
             passes.append(_named(MeasureLatency(select, target, tokens, progress), "latency"))
         passes.append(_named(SelectWithLatency(select, target, tokens, progress), "select"))

@@ -92,7 +92,7 @@ def test_auto_with_exclude_keeps_the_layer_float_and_counts_it():
 
 def test_plan_for_another_model_is_refused(tmp_path):
     calib, _ = _data(0)
-    from lpcompile.passes.select import LayerChoice, Plan
+    from lpcompile.plan import LayerChoice, Plan
 
     plan = Plan([LayerChoice("nope", None, None)])
     with pytest.raises(LpcompileError, match="does not have: nope"):
@@ -195,3 +195,18 @@ def test_goal_errors_come_before_any_work(make, kwargs, error, message):
     kwargs = {"format": "auto", **kwargs}
     with pytest.raises(error, match=message):  # (no calibration data: refused before it is asked for)
         lpcompile.compile(mlp_model(), rotate="off", goal=make(), **kwargs)
+
+
+def test_a_rerun_with_another_goal_reuses_the_measurements(tmp_path, monkeypatch):
+    """--format auto keeps its sensitivity measurements (lpcompile.cache): another goal on the same
+    model, calibration and rotation measures nothing again; other calibration data does."""
+    monkeypatch.setenv("LPCOMPILE_CACHE", str(tmp_path / "cache"))
+    calib, _ = _data(0, n=32)
+    first = lpcompile.compile(mlp_model(), format="auto", goal=Bits(6.0), calibration=calib, rotate="off")
+    assert first.plan.totals["sensitivity_cached"] is False
+    again = lpcompile.compile(mlp_model(), format="auto", goal=Bits(4.6), calibration=calib, rotate="off")
+    assert again.plan.totals["sensitivity_cached"] is True
+    assert again.plan.sensitivity["w1"] == first.plan.sensitivity["w1"]
+    other, _ = _data(1, n=32)
+    third = lpcompile.compile(mlp_model(), format="auto", goal=Bits(4.6), calibration=other, rotate="off")
+    assert third.plan.totals["sensitivity_cached"] is False

@@ -23,22 +23,20 @@ import numpy as np
 import onnx_ir as ir
 
 from lpcompile.errors import PassError
-from lpcompile.formats import FloatFormat, IntFormat, PerBlock, PerChannel, PerTensor, QuantSpec
-from lpcompile.ir import upgrade_opset
-from lpcompile.ir.patterns import LinearLayer, find_linear_layers
+from lpcompile.formats import MIN_SCALE, FloatFormat, IntFormat, PerBlock, PerChannel, QuantSpec
+from lpcompile.ir import DOMAIN, upgrade_opset
+from lpcompile.ir.patterns import LAYER_NAME_KEY as LAYER_KEY, LinearLayer, find_linear_layers
 from lpcompile.passes.calibrate import CALIBRATION_KEY, Calibration
 from lpcompile.passes.weight_quant import QuantizedWeight, gptq_applies, quantize_weight
 from lpcompile.plan import PLAN_KEY, LayerChoice, Plan, check_method
 
 log = logging.getLogger(__name__)
 
-from lpcompile.ir import DOMAIN  # noqa: E402
 QDQ_OPSET = 21
 WEIGHT_FORMAT_KEY = "lpcompile.weight_format"
 ACTIVATION_FORMAT_KEY = "lpcompile.activation_format"
 METHOD_KEY = "lpcompile.weight_method"  # the method that ran (see `effective_method`)
 METHOD_NOTE_KEY = "lpcompile.weight_method_note"  # why it is not the one the plan asked for
-from lpcompile.ir.patterns import LAYER_NAME_KEY as LAYER_KEY  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -204,7 +202,7 @@ def activation_scale(st, spec: QuantSpec) -> tuple[float, float]:
     fmt = spec.format
     if not spec.symmetric and isinstance(fmt, IntFormat):
         return _asymmetric_scale(st.min, st.max, fmt)
-    return max(_activation_clip(st, spec) / fmt.max_finite, 2.0**-24), 0.0
+    return max(_activation_clip(st, spec) / fmt.max_finite, MIN_SCALE), 0.0
 
 
 def _already_quantized(layer: LinearLayer) -> bool:
@@ -222,7 +220,7 @@ def _activation_clip(st, spec: QuantSpec) -> float:
 
 def _asymmetric_scale(lo: float, hi: float, fmt: IntFormat) -> tuple[float, float]:
     lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = max((hi - lo) / (fmt.qmax - fmt.qmin), 2.0**-24)
+    scale = max((hi - lo) / (fmt.qmax - fmt.qmin), MIN_SCALE)
     zp = float(np.clip(np.rint(fmt.qmin - lo / scale), fmt.qmin, fmt.qmax))
     return scale, zp
 
@@ -310,7 +308,7 @@ def _per_token_function(model: ir.Model, spec: QuantSpec) -> ir.Function:
     rows = add("Flatten", [x], {"axis": -1})
     absmax = add("ReduceMax", [add("Abs", [rows]), const(np.array([1], np.int64), "axes")], {"keepdims": 0})
     scale = add("Max", [add("Div", [absmax, const(np.array(fmt.max_finite, np.float32), "qmax")]),
-                        const(np.array(2.0**-24, np.float32), "tiny")])
+                        const(np.array(MIN_SCALE, np.float32), "tiny")])
     # No zero point (symmetric): the code type comes from output_dtype (opset 21), which also
     # avoids an Expand of an int4 zero point that onnxruntime has no kernel for.
     q = add("QuantizeLinear", [rows, scale], {"axis": 0, "output_dtype": int(fmt.onnx_type)})

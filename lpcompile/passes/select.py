@@ -38,24 +38,28 @@ the input's outlier severity (kurtosis, largest/median channel max).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
+from lpcompile.cache import read_json, write_json
 from lpcompile.errors import LpcompileError, PassError
-from lpcompile.formats import PerChannel, PerTensor, QuantSpec, fp8_exmy
+from lpcompile.formats import MIN_SCALE, PerChannel, PerTensor, QuantSpec, fp8_exmy
 from lpcompile.goals import ACTIVATION_CANDIDATES, Goal, Problem
 from lpcompile.ir.patterns import LinearLayer, find_linear_layers
 from lpcompile.ir.run import OrtRunner
+from lpcompile.metrics import cosine, nsr_to_db, sqnr_db as _sqnr_db
 from lpcompile.passes.calibrate import CALIBRATION_KEY, Calibration
 from lpcompile.passes.quantize import activation_scale, insert_activation_qdq
 from lpcompile.passes.weight_quant import quantize_weight
-from lpcompile.plan import FLOAT, PLAN_KEY, LayerChoice, Plan, parse_spec, spec_text, weight_bits
+from lpcompile.progress import Progress
+from lpcompile.plan import PLAN_KEY, LayerChoice, Plan, parse_spec, spec_text, weight_bits
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,6 @@ EMBEDDING_CANDIDATES = ("uint4:block(0,32):asym", "int8:channel(1):sym", "fp8_e4
 EXMY = ((2, 5), (3, 4), (4, 3), (5, 2))
 DEPLOYABLE_FP8 = ("fp8_e4m3", "fp8_e5m2")
 
-from lpcompile.progress import Progress  # noqa: E402  (phase, done, total)
 
 
 def option_key(weights: QuantSpec | None, activations: QuantSpec | None) -> str:
@@ -100,7 +103,7 @@ def fake_quantize_activation(x: np.ndarray, spec: QuantSpec, stats) -> np.ndarra
     scales from each row's max, static ones from calibration (`stats`: TensorStats)."""
     fmt = spec.format
     if spec.dynamic:
-        scale = np.maximum(np.abs(x).max(axis=-1, keepdims=True) / fmt.max_finite, 2.0**-24)
+        scale = np.maximum(np.abs(x).max(axis=-1, keepdims=True) / fmt.max_finite, MIN_SCALE)
         return fmt.quantize(x / scale) * scale
     scale, zp = activation_scale(stats, spec)
     if zp:
@@ -108,7 +111,6 @@ def fake_quantize_activation(x: np.ndarray, spec: QuantSpec, stats) -> np.ndarra
     return fmt.quantize(x / scale) * scale
 
 
-from lpcompile.metrics import nsr_to_db, sqnr_db as _sqnr_db  # noqa: E402  (one SQNR convention)
 
 
 @dataclass
@@ -123,9 +125,7 @@ class _OutputError:
         g = got.astype(np.float64).reshape(r.shape)
         self.signal += float((r**2).sum())
         self.noise += float(((r - g) ** 2).sum())
-        den = np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1)
-        cos = np.where(den > 0, (r * g).sum(axis=1) / np.where(den > 0, den, 1.0), 1.0)
-        self.cos_sum += float(cos.sum())
+        self.cos_sum += float(cosine(r, g).sum())
         self.samples += r.shape[0]
 
     def result(self) -> dict:
@@ -170,6 +170,7 @@ class Select(ir.passes.InPlacePass):
     plan: Plan | None = None
     rotation: str = "none"
     progress: Progress | None = None
+    cache: bool = False  # keep measurements in lpcompile.cache (a rerun with another goal measures nothing)
 
     def __post_init__(self):
         if not isinstance(self.goal, Goal):
@@ -190,8 +191,18 @@ class Select(ir.passes.InPlacePass):
             raise PassError(f"select: the goal {self.goal} needs the backend's kernel latencies (Select.latency)")
         self.goal.check_feasible(self.problem(layers))  # before minutes of measuring
         key = self.measurement_key(layers, calibration)
-        cached = self.plan is not None and self.plan.sensitivity and self.plan.sensitivity.get("@key") == key
-        sens = self.plan.sensitivity if cached else {"@key": key, **measure_sensitivity(model, layers, calibration, self)}
+        cached = bool(self.plan is not None and self.plan.sensitivity and self.plan.sensitivity.get("@key") == key)
+        sens = self.plan.sensitivity if cached else None
+        entry = None
+        if sens is None and self.cache:
+            entry = f"select-{_fingerprint(model, key, _take(self.data, self.samples, self.batch_size))}.json"
+            hit = read_json(entry)
+            if hit is not None and hit.get("@key") == json.loads(json.dumps(key)):
+                sens, cached = hit, True
+        if sens is None:
+            sens = {"@key": key, **measure_sensitivity(model, layers, calibration, self)}
+            if entry is not None:
+                write_json(entry, sens)
         plan = self.solve(layers, sens)
         plan.totals["select_seconds"] = round(time.perf_counter() - start, 3)
         plan.totals["sensitivity_cached"] = bool(cached)
@@ -391,6 +402,25 @@ def measure_sensitivity(model: ir.Model, layers: Sequence[LinearLayer], calibrat
     sens["@seconds"] = {"local": round(local - start, 2), "end_to_end": round(time.perf_counter() - local, 2),
                        "samples": sum(len(next(iter(b.values()))) for b in batches)}
     return sens
+
+
+def _fingerprint(model: ir.Model, key: dict, batches) -> str:
+    """What select's measurements depend on, hashed: the graph (ops, wiring, attributes), every
+    initializer's bytes (read one at a time), the calibration samples measured on, and `key`."""
+    h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode())
+    for node in model.graph:
+        h.update(f"{node.domain}::{node.op_type}({[v.name if v else '' for v in node.inputs]})->"
+                 f"{[v.name for v in node.outputs]}{sorted((k, str(a)) for k, a in node.attributes.items())}".encode())
+    for name, value in sorted(model.graph.initializers.items()):
+        h.update(name.encode())
+        if value.const_value is not None:
+            h.update(value.const_value.tobytes())
+    for batch in batches:
+        for name in sorted(batch):
+            a = np.ascontiguousarray(batch[name])
+            h.update(f"{name}{a.dtype}{a.shape}".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()[:32]
 
 
 def _exmy_name(fmt_name: str) -> str:

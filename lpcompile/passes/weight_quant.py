@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lpcompile.errors import FormatError
-from lpcompile.formats import FloatFormat, IntFormat, PerBlock, PerChannel, PerTensor, QuantSpec
+from lpcompile.formats import MIN_SCALE, FloatFormat, IntFormat, PerBlock, PerChannel, PerTensor, QuantSpec
 
 _CLIP_RATIOS = np.linspace(1.0, 0.5, 26)
 
@@ -127,7 +127,7 @@ def find_scales(
 
 def _safe(scale: np.ndarray) -> np.ndarray:
     """All-zero groups get a tiny positive scale, so they dequantize to exactly 0."""
-    return np.where(scale > 0, scale, np.float32(2.0**-24))
+    return np.where(scale > 0, scale, np.float32(MIN_SCALE))
 
 
 def _to_codes(w: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, fmt: IntFormat | FloatFormat) -> np.ndarray:
