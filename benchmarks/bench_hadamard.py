@@ -91,7 +91,8 @@ def relax_hadamard(k: int, x: np.ndarray, signs: np.ndarray, dense: bool):
     from tvm import relax
 
     from lpcompile.backends.tvm import kernels as K
-    from lpcompile.backends.tvm.lower import OPAQUE, _dense_hadamard
+    from lpcompile.backends.tvm.lower import OPAQUE
+    from lpcompile.backends.tvm.lower.hadamard import _dense_hadamard
     from lpcompile.backends.tvm.target import host_target
 
     target = host_target(THREADS)

@@ -1,7 +1,7 @@
 """Kernel latency of linear layers on a target: measured once per kernel shape, cached on disk.
 
 The select pass's latency cost. For a linear layer [M rows, K] x [K, N] in a (weights,
-activations) format pair, `LatencyModel.layer_us` times what the lowering (`lower._lower_linear`)
+activations) format pair, `LatencyModel.layer_us` times what the lowering (`lower.linear._lower_linear`)
 emits for that layer on the target:
 
 - quantized weights: the same `quantized_matmul` kernel with the same layout choice (the dot4 /
@@ -26,7 +26,7 @@ warm in cache (what a model whose weights fit the last-level cache sees: all-Min
 
 Cache: `latency.json` in $LPCOMPILE_CACHE (default ~/.cache/lpcompile), one entry per kernel,
 keyed by the target (its JSON, CPU name included), the runtime thread count, the TVM version,
-a hash of the backend's kernel sources (kernels/, lower.py, pipeline.py and this file: a change
+a hash of the backend's kernel sources (kernels/, lower/, pipeline.py and this file: a change
 to any of them re-measures) and the kernel's signature. Written atomically, merged under a lock,
 so concurrent compilers share it.
 
@@ -65,7 +65,8 @@ CACHE_FILE = "latency.json"
 REPEATS = 5
 MIN_REPEAT_MS = 10
 _BACKEND = Path(__file__).resolve().parent
-_SOURCES = sorted((_BACKEND / "kernels").glob("*.py")) + [_BACKEND / n for n in ("lower.py", "pipeline.py", "latency.py")]
+_SOURCES = (sorted((_BACKEND / "kernels").glob("*.py")) + sorted((_BACKEND / "lower").glob("*.py"))
+            + [_BACKEND / n for n in ("pipeline.py", "latency.py")])
 
 # The kernels' dtypes are the formats' dtype names (formats.dtype_name: TVM names dtypes as
 # ml_dtypes does); which weights and static activations a kernel takes is the kernels' PAIRS table.
@@ -117,7 +118,7 @@ def why_unmeasurable(target: tvm.target.Target) -> str | None:
 def kernels_for(target: tvm.target.Target, shape: LinearShape, weights: QuantSpec | None,
                 activations: QuantSpec | None) -> list[Kernel] | str:
     """The kernels the lowering emits for a linear layer in (weights, activations), or why it
-    has no native kernel (a string). Mirrors `lower._lower_linear` through `lower.kernel_choice`."""
+    has no native kernel (a string). Mirrors `lower.linear._lower_linear` through `lower.kernel_choice`."""
     from lpcompile.backends.tvm.lower import kernel_choice
 
     rows, static, k, n = shape.rows, shape.static, shape.k, shape.n

@@ -1,0 +1,129 @@
+"""Linear layers: `MatMul(a, weight)` / `Gemm(a, weight[, bias])` whose weight a
+`DequantizeLinear` of constants (`qdq`) remembered become one call to `quantized_matmul` with the
+weight repacked at compile time; an input carried quantized whose (activation, weight) pair has
+a kernel is consumed in its integer / fp8 form. Which kernel and weight layout: `kernel_choice`,
+the target's ordered rule list (`kernels.rules`), the question the latency model asks too.
+A refused match runs in float on the dequantized weights, with the reason in the report."""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.frontend.onnx import onnx_frontend as ox
+
+from lpcompile.backends.tvm import kernels as K
+from lpcompile.backends.tvm.kernels.compute import FLOAT8
+from lpcompile.backends.tvm.lower.context import _ACTIVE, _Context
+from lpcompile.backends.tvm.lower.exprs import _flatten_rows, _node_name, _shape, _static
+from lpcompile.backends.tvm.target import describe
+from lpcompile.errors import ModelError
+
+
+class MatMul(ox.MatMul):
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        out = _lower_linear(_ACTIVE.get(), inputs[0], inputs[1], transposed=False, pattern="MatMul", node=_node_name(attr))
+        return out if out is not None else super()._impl_v13(bb, inputs, attr, params)
+
+
+class Gemm(ox.Gemm):
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        ctx = _ACTIVE.get()
+        if attr.get("transA", 0) or attr.get("alpha", 1.0) != 1.0 or attr.get("beta", 1.0) != 1.0:
+            ctx.report.refuse("Gemm", "transA / alpha / beta", _node_name(attr) if inputs[1] in ctx.weights else None)
+            return super()._impl_v13(bb, inputs, attr, params)
+        out = _lower_linear(ctx, inputs[0], inputs[1], transposed=bool(attr.get("transB", 0)), pattern="Gemm",
+                            node=_node_name(attr))
+        if out is None:
+            return super()._impl_v13(bb, inputs, attr, params)
+        return relax.op.add(out, inputs[2]) if inputs[2] is not None else out
+
+
+def kernel_choice(target: tvm.target.Target, act: tuple[str, str] | None, weight: str, k: int, n: int,
+                  block: int, rows: int | None = None) -> tuple[bool, K.rules.Choice]:
+    """(native, choice) for a [k, n] linear with `weight` codes (a key of `K.PAIRS`) in scale
+    blocks of `block` along K (k for one block) whose input is quantized as `act` = (dtype, scale
+    kind "tensor" | "row"), or float (None), over `rows` rows (1, or None: several / symbolic).
+    Native: a kernel takes the input in its quantized form (else the kernel gets float
+    activations); choice: the first kernel rule of the target's list that applies (`K.rules`),
+    whose `dot4` says whether the weights go in the dot-product layout (VNNI on CPUs, tensor
+    cores on CUDA). The latency model asks the same question, so what it times is what this
+    lowering emits."""
+    pair = K.PAIRS.get((act[0], weight)) if act is not None else None
+    native = pair is not None and pair.act_scale == act[1]
+    spec = K.MatmulSpec(act[0] if native else "float32", weight, k, n, block, rows=rows)
+    return native, K.choose(describe(target), spec)
+
+
+def _lower_linear(ctx: _Context, a: relax.Expr, b: relax.Expr, *, transposed: bool, pattern: str, node: str | None = None):
+    bb = ctx.bb
+    w = ctx.weights.get(b)
+    if w is None:
+        return None
+    report = ctx.report  # refusals of this layer are recorded under its node name
+    if w.q.ndim != 2 or a.ty.ndim < 2:
+        report.refuse(pattern, "weights must be 2-D and the activation at least 2-D", node)
+        return None
+    if w.zero_point is not None and np.any(w.zero_point.astype(np.float32) != 0):
+        report.refuse(pattern, "asymmetric weights (nonzero zero point)", node)
+        return None
+    kind = {"int4": "int4", "int8": "int8", **{f: f for f in FLOAT8}}.get(w.dtype)
+    if kind is None:
+        report.refuse(pattern, f"no kernel for {w.dtype} weights", node)
+        return None
+    try:
+        q_kn, s, block = K.onnx_weight_to_kn(w.q, w.scale, axis=w.axis, block_size=w.block_size, transposed=transposed)
+    except ModelError as e:
+        report.refuse(pattern, str(e), node)
+        return None
+    k, n = q_kn.shape
+    k_pad = s.shape[0] * block
+    act = ctx.acts.get(a)
+    native, choice = kernel_choice(ctx.target, (act.dtype, act.kind) if act is not None else None, kind, k, n, block)
+    dot4 = choice.dot4
+    if kind == "int4" and dot4:
+        packed = K.NIB8.pack(q_kn.astype(np.int8), k_pad)
+    elif kind == "int4":
+        packed = K.NIBBLE.pack(q_kn.astype(np.int8), k_pad)
+    elif dot4:
+        packed = K.DOT4.pack(q_kn, k_pad)
+    else:
+        packed = np.zeros((k_pad, n), q_kn.dtype)
+        packed[:k] = q_kn
+    block_arg = None if block == k else block
+    wc, sc = relax.const(packed), relax.const(s.astype(np.float32))
+
+    emulated = None
+    if native:
+        x2, m = act.q, _shape(act.q)[0]
+        args = [x2, act.scale] + ([act.zero_point] if act.zero_point is not None else []) + [wc, sc]
+        if act.zero_point is not None:  # the weights' block sums, for the zero point's share
+            sums = np.zeros((s.shape[0] * block, n), np.int64)
+            sums[:k] = q_kn.astype(np.int64)
+            args.append(relax.const(sums.reshape(s.shape[0], block, n).sum(axis=1).astype(np.int32)))
+        activation, shape = act.dtype, act.shape
+    else:
+        if act is not None:
+            emulated = f"no {act.kind}-scaled {act.dtype} x {kind} kernel: float activations instead"
+            report.refuse(pattern, emulated)
+        x2, m, shape = _flatten_rows(bb, a)
+        args, activation = [x2, wc, sc], "float32"
+    if _static(shape[-1]) != k:
+        report.refuse(pattern, f"activation features {shape[-1]} != weight K {k}", node)
+        return None
+    rows = 1 if _static(m) == 1 else None
+    key = ("matmul", activation, kind, rows or "m", k, n, block_arg or "ch") + (("dot4",) if dot4 else ())
+    gv = ctx.kernel(key, lambda: K.quantized_matmul(rows, k, n, weight=kind, activation=activation, block_size=block_arg, dot4=dot4))
+    y2 = bb.emit(ctx.call(gv, args, relax.TensorType([m, n], "float32")))
+    ctx.report.fired[f"{pattern}[{activation} x {kind}]"] += 1
+    if node is not None:
+        layout = " (tensor cores)" if ctx.target.kind.name == "cuda" else " (dot4)"
+        # the rule that schedules the kernel (its layout and row count now fixed), and why the
+        # rules before it did not apply
+        built = K.choose(describe(ctx.target), K.MatmulSpec(activation, kind, k, n, block, rows=rows, dot4=dot4))
+        report.layers[node] = {"kernel": f"{activation} x {kind}" + (layout if dot4 else ""), "activation": activation,
+                               "status": "emulated" if emulated else "native", "reason": emulated,
+                               "rule": built.rule.name, "rules_refused": built.refused}
+    return y2 if len(shape) == 2 else relax.op.reshape(y2, [*shape[:-1], n])
