@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -66,18 +67,27 @@ class CompiledModel:
     __call__ = run
 
     def save(self, out_dir: str | os.PathLike) -> Path:
-        """Write `model.qdq.onnx`, `report.json` and `report.md` into `out_dir` (with emit "tvm"
-        also the TVM artifact: model.so, params.bin, manifest.json; with a plan also plan.json
-        and the per-layer chart select.png), atomically: everything goes to a sibling temporary
+        """Write `model.qdq.onnx`, `report.json`, `report.md` and `plan.json` into `out_dir` (with
+        emit "tvm" also the TVM artifact: model.so, params.bin, manifest.json; with a measured plan
+        the per-layer chart select.png), atomically: everything goes to a sibling temporary
         directory that replaces `out_dir` only when complete (`lpcompile.output.write_output`:
-        an existing `out_dir` must be empty or a previous lpcompile output)."""
+        an existing `out_dir` must be empty or a previous lpcompile output).
+
+        When the TVM build fails, the finished quantization is not thrown away: `out_dir` still
+        gets the QDQ model, the plan and a report recording the failure, and then the failure is
+        raised (one line, naming where the QDQ model is)."""
+        failure: list[LpcompileError] = []
 
         def fill(tmp: Path) -> None:
-            if "onnx" in self.emit:
-                save_model(self.qdq_model, tmp / "model.qdq.onnx")
             report = dict(self.report)
             if "tvm" in self.emit:
-                report = self._export_tvm(tmp, report)
+                try:
+                    report = self._export_tvm(tmp, report)
+                except LpcompileError as e:
+                    failure.append(e)
+                    report = {**report, "tvm": {"build_failed": str(e)}}
+            if "onnx" in self.emit or failure:
+                save_model(self.qdq_model, tmp / "model.qdq.onnx")
             if self.plan is not None:
                 self.plan.save(tmp / "plan.json")
             if "select" in report:
@@ -89,6 +99,8 @@ class CompiledModel:
             (tmp / "report.md").write_text(to_markdown(report))
 
         write_output(out_dir, fill)
+        if failure:
+            raise type(failure[0])(f"{failure[0]} (the QDQ model, plan and report are in {out_dir})") from failure[0]
         return Path(out_dir)
 
     def _export_tvm(self, out: Path, report: dict) -> dict:
@@ -97,13 +109,20 @@ class CompiledModel:
 
         target = parse_target(self.target).tvm()
         start = time.perf_counter()
+        staging = out / ".tvm-build"  # the artifact's files move into `out` only when all were written
+        staging.mkdir()
         try:
-            manifest = export_artifact(ir.to_proto(self.qdq_model), target, out, report=self.report)
+            manifest = export_artifact(ir.to_proto(self.qdq_model), target, staging, report=self.report)
         except LpcompileError:
+            shutil.rmtree(staging, ignore_errors=True)
             raise
         except Exception as e:  # TVM's own errors: one line, the stage named
+            shutil.rmtree(staging, ignore_errors=True)
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else ""
             raise TargetError(f"tvm build failed: {type(e).__name__}: {msg}") from e
+        for path in staging.iterdir():
+            os.replace(path, out / path.name)
+        staging.rmdir()
         stages = {**report.get("stages_seconds", {}), "tvm build": round(time.perf_counter() - start, 3)}
         tvm = {"target": manifest["target"], "fallbacks": manifest["fallbacks"],
                "library_bytes": manifest["library_bytes"], "params_bytes": manifest["params_bytes"]}

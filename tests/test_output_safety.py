@@ -366,3 +366,26 @@ def test_check_output_dir_protects_inputs_given_by_any_path(tmp_path, monkeypatc
     with pytest.raises(LpcompileError, match="holds an input"):
         check_output_dir(tmp_path / "link", [Path("m.onnx")])
     assert check_output_dir(tmp_path / "new", [Path("m.onnx")]) == tmp_path / "new"
+
+
+def test_a_failed_tvm_build_keeps_the_qdq_model_and_a_report_of_the_failure(files, lpc, monkeypatch):
+    """Minutes of quantization are not thrown away by a lowering bug: OUT_DIR gets the QDQ model, the
+    plan and a report saying the build failed; the command still fails (one line, exit 2)."""
+    import lpcompile.backends.tvm.export as export
+
+    def broken(proto, target, out, report=None):
+        (Path(out) / "model.so").write_bytes(b"half written")
+        raise RuntimeError("InternalError: Check failed: something in TVM")
+
+    monkeypatch.setattr(export, "export_artifact", broken)
+    out = files.parent / "out"
+    rc, err = lpc(files / "m.onnx", "--format", "int8", "--calibration", files / "cal.npz", "--emit", "tvm",
+                  "-o", out, "-q")
+    assert rc == 2 and len(err) == 1
+    assert "tvm build failed: RuntimeError: InternalError: Check failed" in err[0] and str(out) in err[0]
+    names = {p.name for p in out.iterdir()}
+    assert {"model.qdq.onnx", "plan.json", "report.json", "report.md"} <= names
+    assert "model.so" not in names and not any(n.startswith(".tvm") for n in names)
+    report = json.loads((out / "report.json").read_text())
+    assert "tvm build failed" in report["tvm"]["build_failed"]
+    onnx.checker.check_model(str(out / "model.qdq.onnx"))
