@@ -187,7 +187,8 @@ def _summary(out: Path, report: dict) -> str:
     latency = sel["achieved"].get("latency_us") if sel else None
     auto = (f"; {sel['achieved']['avg_weight_bits']:.3f} bits/weight"
             + (f", kernels {latency:.1f} us at {sel['latency']['tokens']} tokens" if latency is not None else "")
-            + f", goal met: {sel['achieved']['budget_met']}"
+            + (f", goal met: {sel['achieved']['budget_met']}" if sel["achieved"]["budget_met"] is not None
+               else f", plan reused ({sel['budget'].get('kind', 'no goal')})")
             + (f", rotation {sel['rotation_chosen']} (better of auto/off)" if sel.get("rotation_chosen") else "")
             if sel else "")
     return (f"{out}: {report['format']} for {report['target']}: {t['layers_quantized']} layers, weights "
