@@ -22,9 +22,10 @@ from lpcompile.calibration_data import as_calibration_data
 from lpcompile.errors import LpcompileError, PassError, TargetError
 from lpcompile.frontend import capture
 from lpcompile.goals import Goal
-from lpcompile.ir import save_model
+from lpcompile.ir import save_model, weight_bytes
 from lpcompile.ir.patterns import find_linear_layers
 from lpcompile.ir.run import OrtRunner
+from lpcompile.ir.store import TensorStore, attach_store
 from lpcompile.output import write_output
 from lpcompile.passes.calibrate import CALIBRATION_KEY
 from lpcompile.passes.rotate import REPORT_KEY as ROTATE_KEY
@@ -43,6 +44,11 @@ log = logging.getLogger(__name__)
 AUTO = "auto"  # --format auto: a per-layer plan from the select pass (under a goal) or a user's plan
 EMITS = ("onnx", "tvm")
 ROTATE_MODES = ("auto", "online", "fold", "off")
+# Models with at least this many bytes of weights compile with a TensorStore (lpcompile.ir.store):
+# the weights passes create (rotated, quantized) go to a scratch file instead of staying in memory,
+# so that memory is bounded by the largest layer, not by the model.
+SPILL_MODEL_BYTES = 512 << 20
+
 
 @dataclass
 class CompiledModel:
@@ -194,10 +200,11 @@ def compile(
         return _Stage(name, stages, done)
 
     with stage("capture"):
+        # External data stays lazy (memory-mapped, read one weight at a time where a pass needs
+        # it): nothing writes the files it came from (the output checks refuse -o over them).
         float_model = capture(model, example_inputs, dynamic)
-        # Quantizing reads every weight anyway; reading external data now keeps the float
-        # reference and its copy independent of the files they came from.
-        ir.external_data.load_to_model(float_model)
+        if weight_bytes(float_model) >= SPILL_MODEL_BYTES:  # what passes create goes to a scratch file too
+            attach_store(float_model, TensorStore())
     layers = find_linear_layers(float_model.graph)
     if not layers:
         raise PassError("the model has no linear layers (MatMul/Gemm/Gather with constant weights) to quantize")
@@ -224,7 +231,7 @@ def compile(
                               progress=progress)
     if edit_pipeline is not None:
         edit_pipeline(pipeline)
-    qdq = ir.from_proto(ir.to_proto(float_model))  # a deep copy: the float model stays the reference
+    qdq = float_model.clone()  # new nodes and values, the same tensors: the float model stays the reference
     start = time.perf_counter()
     try:
         qdq = pipeline.run(qdq)

@@ -8,6 +8,7 @@ SQNR and the cosine similarity per sample.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -49,14 +50,19 @@ def quantized_layers(model: ir.Model) -> list[ir.Node]:
 def measure_error(
     float_model: ir.Model, qdq_model: ir.Model, batches: Iterable[Mapping[str, np.ndarray]]
 ) -> tuple[dict[str, _Error], dict[str, _Error]]:
-    """Per quantized layer output and per model output: accumulated error statistics."""
+    """Per quantized layer output and per model output: accumulated error statistics (nothing
+    measured, and no onnxruntime session built, when there are no batches)."""
     layer_outputs = [n.outputs[0].name for n in quantized_layers(qdq_model)]
-    ref = OrtRunner(float_model, extra=layer_outputs)
-    got = OrtRunner(qdq_model, extra=layer_outputs)
     model_outputs = [v.name for v in float_model.graph.outputs]
     per_layer = {name: _Error() for name in layer_outputs}
     per_output = {name: _Error() for name in model_outputs}
-    for batch in batches:
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        return per_layer, per_output
+    ref = OrtRunner(float_model, extra=layer_outputs)
+    got = OrtRunner(qdq_model, extra=layer_outputs)
+    for batch in itertools.chain([first], batches):
         r, g = ref.run(batch), got.run(batch)
         for name in layer_outputs:
             per_layer[name].add(r[name], g[name])

@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from lpcompile.errors import ModelError
 
-__all__ = ["DOMAIN", "load_model", "to_proto", "save_model", "model_bytes", "ModelSource"]
+__all__ = ["DOMAIN", "load_model", "to_proto", "save_model", "model_bytes", "weight_bytes", "ModelSource"]
 
 # The ONNX domain of lpcompile's custom ops and model-local functions (Hadamard, PerTokenQDQ_*).
 DOMAIN = "ai.lpcompile"
@@ -70,6 +70,12 @@ def _first_line(e: BaseException) -> str:
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
+    """A self-contained ModelProto: weights the IR keeps lazy (external data, spilled weights)
+    are read into it, on a copy of the graph (the model keeps them lazy)."""
+    if any(isinstance(v.const_value, ir.ExternalTensor) for g in (model.graph, *model.graph.subgraphs())
+           for v in g.initializers.values()):
+        model = model.clone()
+        ir.external_data.load_to_model(model)
     return ir.serde.serialize_model(model)
 
 
@@ -80,10 +86,15 @@ def to_graphsurgeon(model: ir.Model):
     return gs.import_onnx(to_proto(model))
 
 
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of the model's initializers as stored (read from shapes: nothing is loaded)."""
+    return sum(_nbytes(v.const_value) for v in model.graph.initializers.values())
+
+
 def save_model(model: ir.Model, path: str | os.PathLike) -> None:
     """Save with weights inline when the model is small, else next to it as `<name>.data`."""
     path = Path(path)
-    total = sum(_nbytes(v.const_value) for v in model.graph.initializers.values())
+    total = weight_bytes(model)
     if total < _PROTO_LIMIT:
         ir.save(model, path)
     else:
@@ -120,10 +131,16 @@ def upgrade_opset(model: ir.Model, version: int) -> bool:
     if current >= version:
         return False
     try:
-        converted = onnx.version_converter.convert_version(to_proto(model), version)
+        # External weights travel as references (the converter rewrites nodes, never reads them)
+        converted = onnx.version_converter.convert_version(ir.serde.serialize_model(model), version)
         new = ir.serde.deserialize_model(converted)
     except Exception as e:
         raise ModelError(f"cannot upgrade the model from opset {current} to {version}: {_first_line(e)}") from e
+    # the model's own tensor objects back (lazy ones stay lazy, in-memory ones are not held twice)
+    tensors = {name: v.const_value for name, v in model.graph.initializers.items()}
+    for name, value in new.graph.initializers.items():
+        if tensors.get(name) is not None:
+            value.const_value = tensors[name]
     model.graph = new.graph
     model.functions.clear()
     model.functions.update(new.functions)

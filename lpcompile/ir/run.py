@@ -14,7 +14,7 @@ import onnx
 import onnx_ir as ir
 
 from lpcompile.errors import ModelError
-from lpcompile.ir import model_bytes, to_proto
+from lpcompile.ir.store import release
 
 
 def session_options(threads: int | None = None, optimize: bool = False):
@@ -39,10 +39,15 @@ class OrtRunner:
     def __init__(self, model: ir.Model, extra: Sequence[str] = (), threads: int | None = None):
         import onnxruntime as ort
 
-        proto = to_proto(model) if not extra else _with_outputs(to_proto(model), extra)
-        source = proto.SerializeToString() if proto.ByteSize() < 1_800_000_000 else model_bytes(ir.serde.deserialize_model(proto))
+        options = session_options(threads)
+        proto, self._weights = _graph_and_weights(model)
+        if extra:
+            proto = _with_outputs(proto, extra)
+        if self._weights:
+            names, values = zip(*self._weights.items())
+            options.add_external_initializers(list(names), list(values))
         try:
-            self.session = ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
             raise ModelError(f"onnxruntime cannot load the model: {str(e).strip().splitlines()[0]}") from e
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -57,6 +62,42 @@ class OrtRunner:
 
     def run_all(self, batches: Iterable[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         return [self.run(b) for b in batches]
+
+
+# Weights at least this large reach onnxruntime as numpy buffers, not as protobuf bytes.
+_HANDED_OVER_BYTES = 1 << 16
+_NUMPY_NATIVE = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8, ir.DataType.UINT8,
+                 ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32, ir.DataType.UINT32, ir.DataType.INT64,
+                 ir.DataType.UINT64, ir.DataType.BOOL}
+
+
+def _graph_and_weights(model: ir.Model) -> tuple[onnx.ModelProto, dict]:
+    """The model as a ModelProto whose large weights are external-data stubs, and those weights
+    as OrtValues over the tensors' own memory (`SessionOptions.add_external_initializers`: no
+    copy; a memory-mapped external tensor is read by onnxruntime straight from the page cache).
+    Serializing whole (the old way) held every weight three times over: the proto, its bytes and
+    onnxruntime's copy, and made large models go through a temporary file."""
+    import onnxruntime as ort
+
+    shell = model.clone()  # new values, the same tensors: swapping a const_value here leaves `model` alone
+    weights = {}
+    for name, value in shell.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None:
+            continue
+        if tensor.dtype not in _NUMPY_NATIVE or tensor.nbytes < _HANDED_OVER_BYTES:
+            if isinstance(tensor, ir.ExternalTensor):  # a model loaded from bytes has no directory to read it from
+                value.const_value = ir.Tensor(tensor.numpy().copy(), dtype=tensor.dtype, name=name)
+                release(tensor)
+            continue
+        array = tensor.numpy()
+        if not array.flags.c_contiguous or not array.dtype.isnative:
+            array = np.ascontiguousarray(array, array.dtype.newbyteorder("="))
+        weights[name] = ort.OrtValue.ortvalue_from_numpy(array)
+        # a stub: serialized as a reference to data that is never read (onnxruntime takes the OrtValue)
+        value.const_value = ir.ExternalTensor(f"lpcompile-weight-{len(weights)}", 0, tensor.nbytes, tensor.dtype,
+                                              shape=tensor.shape, name=name)
+    return ir.serde.serialize_model(shell), weights
 
 
 def _with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:

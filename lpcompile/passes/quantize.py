@@ -26,6 +26,7 @@ from lpcompile.errors import PassError
 from lpcompile.formats import MIN_SCALE, FloatFormat, IntFormat, PerBlock, PerChannel, QuantSpec
 from lpcompile.ir import DOMAIN, upgrade_opset
 from lpcompile.ir.patterns import LAYER_NAME_KEY as LAYER_KEY, LinearLayer, find_linear_layers
+from lpcompile.ir.store import new_tensor, read_weight
 from lpcompile.passes.calibrate import CALIBRATION_KEY, Calibration
 from lpcompile.passes.weight_quant import QuantizedWeight, gptq_applies, quantize_weight
 from lpcompile.plan import PLAN_KEY, LayerChoice, Plan, check_method
@@ -106,11 +107,12 @@ class Quantize(ir.passes.InPlacePass):
                          calibration: Calibration | None) -> tuple[ir.Value, str, str]:
         """The DequantizeLinear of the layer's quantized weight, the method that ran, and why it
         is not the one asked for ("" when it is)."""
-        stored = layer.weight.const_value.numpy().astype(np.float32)
+        stored = read_weight(layer.weight.const_value)
         canonical = stored.T if layer.transposed else stored
         gram = _gram(layer, calibration)
         method, note = effective_method(choice.method, choice.weights, gram is not None)
         q = quantize_weight(canonical, choice.weights, method, gram)
+        del stored, canonical
         return _emit_dequantize(model.graph, layer, q), method, note
 
 
@@ -238,7 +240,7 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     base, i = name, 1
     while name in graph.initializers:
         name, i = f"{base}_{i}", i + 1
-    value = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
+    value = ir.Value(name=name, const_value=new_tensor(graph, array, name))  # spilled where the graph has a store
     value.dtype = value.const_value.dtype
     value.shape = ir.Shape(array.shape)
     graph.register_initializer(value)

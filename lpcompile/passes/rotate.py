@@ -57,6 +57,7 @@ from lpcompile.ir.hadamard import (
 )
 from lpcompile.ir.invariance import Chain, Exit, StreamRegion, find_chains, find_stream_regions, last_dim
 from lpcompile.ir.patterns import LAYER_NAME_KEY, LinearLayer, Norm, find_linear_layers, match_linear
+from lpcompile.ir.store import new_tensor, read_weight
 
 log = logging.getLogger(__name__)
 
@@ -487,13 +488,13 @@ class _Run:
         if layer is None:
             raise PassError(f"rotate: {edit.node.name} is no longer a linear layer")
         widx = 0 if layer.kind == "embedding" else 1
-        stored = layer.weight.const_value.numpy()
-        w = stored.astype(np.float64)
+        stored = layer.weight.const_value
+        w = read_weight(stored, np.float64)  # a copy; an external weight is unmapped again
         if layer.kind == "embedding":  # [V, D]: rows are written into the stream
             if edit.center_out:
                 w = w - w.mean(axis=-1, keepdims=True)
             w = edit.m_out.right(w)
-            self._set_weight(layer, widx, w.astype(stored.dtype))
+            self._set_weight(layer, widx, w.astype(stored.dtype.numpy()))
             edit.node.metadata_props[ROTATION_KEY] = json.dumps(edit.tags, sort_keys=True)
             return
         w = w.T if layer.transposed else w  # canonical [K, N]
@@ -520,9 +521,9 @@ class _Run:
                 n = w.shape[1]
                 bias = edit.m_out.right(np.broadcast_to(bias, bias.shape[:-1] + (n,)) if bias.ndim else np.full(n, bias))
         out = w.T if layer.transposed else w
-        self._set_weight(layer, widx, out.astype(stored.dtype))
+        self._set_weight(layer, widx, out.astype(stored.dtype.numpy()))
         if bias is not None:
-            self._set_bias(layer, bias.astype(stored.dtype))
+            self._set_bias(layer, bias.astype(stored.dtype.numpy()))
         edit.node.metadata_props[ROTATION_KEY] = json.dumps(edit.tags, sort_keys=True)
 
     def _set_weight(self, layer: LinearLayer, widx: int, array: np.ndarray) -> None:
@@ -618,7 +619,8 @@ class _Run:
         if reuse and name in self.graph.initializers:
             return self.graph.initializers[name]
         name = self._fresh(name)
-        value = ir.Value(name=name, const_value=ir.Tensor(np.array(array, order="C"), name=name))  # keeps 0-d arrays 0-d
+        # keeps 0-d arrays 0-d; spilled to the graph's TensorStore where it has one (lpcompile.ir.store)
+        value = ir.Value(name=name, const_value=new_tensor(self.graph, np.array(array, order="C"), name))
         value.dtype = value.const_value.dtype
         value.shape = ir.Shape(array.shape)
         self.graph.register_initializer(value)
