@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from lpcompile.calibration_data import as_calibration_data
 from lpcompile.errors import LpcompileError, PassError, TargetError
+from lpcompile.extras import require as require_extra
 from lpcompile.frontend import capture
 from lpcompile.goals import Goal
 from lpcompile.ir import save_model, weight_bytes
@@ -176,6 +177,8 @@ def compile(
     unknown = [e for e in emit if e not in EMITS]
     if unknown:
         raise TargetError(f"cannot emit {', '.join(unknown)} yet; available: {', '.join(EMITS)}")
+    if "tvm" in emit:  # the TVM artifact is built last: a missing TVM is said before any work
+        require_extra("tvm", "--emit tvm")
     if rotate is not None and rotate not in ROTATE_MODES:
         raise LpcompileError(f"unknown rotate mode {rotate!r}; choose one of: {', '.join(ROTATE_MODES)}")
     recipe = None if auto else get_recipe(format)

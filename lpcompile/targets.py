@@ -24,12 +24,12 @@ what the backend's kernel rules (backends/tvm/kernels/rules.py) ask (`features`,
 from __future__ import annotations
 
 import functools
-import importlib.util
 import platform
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from lpcompile import extras
 from lpcompile.errors import TargetError
 from lpcompile.runtime.cpu import CPUINFO_FLAGS, host_flags
 
@@ -118,8 +118,8 @@ class Target:
 
     def timing_unavailable(self) -> str | None:
         """Why kernels for this target cannot be timed on this machine; None when they can."""
-        if importlib.util.find_spec("tvm") is None:
-            return "apache-tvm is not installed (pip install apache-tvm)"
+        if (reason := extras.missing_reason("tvm")) is not None:
+            return reason
         if self.kind == "aarch64":
             return None if _machine_is_aarch64() else f"{AARCH64_TRIPLE} code does not run on this machine (cross-compiled)"
         if self.kind == "cuda":
@@ -138,9 +138,9 @@ class Target:
 
     def tvm(self):
         """The tvm.target.Target for this target (TVM imported here)."""
-        if importlib.util.find_spec("tvm") is None:
-            raise TargetError(f"compiling for {self.spec} needs apache-tvm (pip install apache-tvm); "
-                              "--emit onnx needs no TVM")
+        if not extras.installed("tvm"):
+            raise extras.MissingExtra(f"compiling for {self.spec} needs {extras.install_hint('tvm')} "
+                                      "(--emit onnx needs no TVM)")
         from lpcompile.backends.tvm.target import resolve
 
         return resolve(self)
@@ -213,9 +213,8 @@ def _machine_is_aarch64() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _aarch64_cpus() -> frozenset[str]:
-    if importlib.util.find_spec("tvm") is None:
-        raise TargetError("checking an aarch64 CPU name asks LLVM, and apache-tvm is not installed "
-                          "(pip install apache-tvm)")
+    if not extras.installed("tvm"):
+        raise extras.MissingExtra(f"checking an aarch64 CPU name asks LLVM, which needs {extras.install_hint('tvm')}")
     import tvm
 
     return frozenset(str(c) for c in tvm.target.codegen.llvm_get_cpu_archlist(

@@ -12,6 +12,7 @@ import pytest
 
 from lpcompile import targets
 from lpcompile.errors import TargetError
+from lpcompile.extras import MissingExtra
 from lpcompile.targets import FP8, parse
 
 HAS_TVM = importlib.util.find_spec("tvm") is not None
@@ -103,10 +104,10 @@ def test_without_tvm_a_cpu_name_check_says_so_in_one_line(monkeypatch):
     targets._aarch64_cpus.cache_clear()
     targets._parse.cache_clear()
     try:
-        with pytest.raises(TargetError, match="apache-tvm is not installed"):
+        with pytest.raises(MissingExtra, match=r"needs apache-tvm: pip install 'lpcompile\[tvm\]'"):
             parse("aarch64:neoverse-v1")
-        assert "apache-tvm is not installed" in parse("cuda:sm_89").timing_unavailable()
-        with pytest.raises(TargetError, match="needs apache-tvm"):
+        assert "apache-tvm is not installed (pip install 'lpcompile[tvm]')" in parse("cuda:sm_89").timing_unavailable()
+        with pytest.raises(MissingExtra, match=r"needs apache-tvm: pip install 'lpcompile\[tvm\]'"):
             parse("cuda:sm_89").tvm()
     finally:
         targets._aarch64_cpus.cache_clear()

@@ -97,6 +97,13 @@ def main(argv: list[str]) -> int:
     """argv: [command, args...] with command in COMMANDS."""
     command, rest = argv[0], argv[1:]
     args = _parser(command).parse_args(rest)
+    from lpcompile.extras import MissingExtra, require
+
+    try:  # artifacts run on TVM's runtime: one line naming the extra, before anything is read
+        require("tvm", "running a compiled artifact" if command == "run" else "timing a compiled artifact")
+    except MissingExtra as e:
+        print(f"lpcompile {command}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     from lpcompile.runtime import load
     from lpcompile.runtime.tvm import ArtifactError
 
