@@ -30,7 +30,9 @@ One idea per module, layered bottom-up (each imports only those above it):
     linear       MatMul / Gemm on the quantized_matmul kernels; kernel_choice
     gather       Gather from a low-bit embedding table
     hadamard     the online Hadamard transform (fast Walsh–Hadamard kernel or dense factors)
-    workarounds  Expand / Reshape where TVM 0.27's stock converters fail
+    shapes       shape values (symbolic scalars, ShapeExprs, shapes computed as tensors) and
+                 the conversions between them, for exporters' shape arithmetic
+    workarounds  Expand / Reshape / Range where TVM 0.27's stock converters fail
     importer     QdqImporter, CONVERTERS (registers the converters above), from_onnx, compile_model
 """
 

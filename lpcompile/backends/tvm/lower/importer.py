@@ -21,7 +21,7 @@ from lpcompile.backends.tvm.lower.hadamard import Hadamard
 from lpcompile.backends.tvm.lower.linear import Gemm, MatMul
 from lpcompile.backends.tvm.lower.qdq import DequantizeLinear, PerTokenQDQ_int4, PerTokenQDQ_int8, QuantizeLinear
 from lpcompile.backends.tvm.lower.report import LoweringReport
-from lpcompile.backends.tvm.lower.workarounds import Expand, Reshape
+from lpcompile.backends.tvm.lower.workarounds import Expand, Range, Reshape
 from lpcompile.errors import ModelError
 from lpcompile.formats import INT4, UINT4
 
@@ -31,6 +31,7 @@ _ML_DTYPES = {int(f.onnx_type): (f.dtype_name, f.numpy_dtype) for f in (INT4, UI
 CONVERTERS: dict[str, type] = {
     "Gather": Gather,
     "Reshape": Reshape,
+    "Range": Range,
     "DequantizeLinear": DequantizeLinear,
     "QuantizeLinear": QuantizeLinear,
     "PerTokenQDQ_int8": PerTokenQDQ_int8,
