@@ -117,17 +117,22 @@ def _layer_records(proto: onnx.ModelProto, lowering: LoweringReport, report: dic
     for node in proto.graph.node:
         props = {p.key: p.value for p in node.metadata_props}
         if "lpcompile.weight_format" in props or "lpcompile.activation_format" in props:
-            from_meta[props.get("lpcompile.layer", node.name)] = {
+            layer = props.get("lpcompile.layer", node.name)
+            from_meta[layer, node.op_type] = from_meta[layer] = {
                 "node": node.name, "op": node.op_type,
                 "weight_format": props.get("lpcompile.weight_format", "float32"),
                 "activation_format": props.get("lpcompile.activation_format", "float32"),
             }
     layers = []
-    names = [l["name"] for l in report["layers"]] if report else list(from_meta)
-    for name in names:
-        meta = from_meta.get(name, {"node": name, "op": None, "weight_format": "float32", "activation_format": "float32"})
+    # a layer is named by its weight: a table tied to the output projection is two layers of one
+    # name (its Gather and its MatMul), told apart by op
+    keys = [(l["name"], l["op"]) for l in report["layers"]] if report else [k for k in from_meta if isinstance(k, str)]
+    for i, key in enumerate(keys):
+        name = key[0] if report else key
+        meta = from_meta.get(key) or from_meta.get(name) or {"node": name, "op": None, "weight_format": "float32",
+                                                              "activation_format": "float32"}
         if report:
-            rl = next(l for l in report["layers"] if l["name"] == name)
+            rl = report["layers"][i]
             meta = {**meta, "op": rl["op"], "weight_format": rl["weight_format"], "activation_format": rl["activation_format"]}
         low = lowering.layers.get(meta["node"])
         rec = {"name": name, **meta}

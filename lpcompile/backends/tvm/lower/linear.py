@@ -14,7 +14,7 @@ from tvm.relax.frontend.onnx import onnx_frontend as ox
 
 from lpcompile.backends.tvm import kernels as K
 from lpcompile.backends.tvm.kernels.compute import FLOAT8
-from lpcompile.backends.tvm.lower.context import _ACTIVE, _Context
+from lpcompile.backends.tvm.lower.context import _ACTIVE, ConstantDequantize, _Context
 from lpcompile.backends.tvm.lower.exprs import _flatten_rows, _node_name, _shape, _static
 from lpcompile.backends.tvm.target import describe
 from lpcompile.errors import ModelError
@@ -66,15 +66,21 @@ def _lower_linear(ctx: _Context, a: relax.Expr, b: relax.Expr, *, transposed: bo
     if w.q.ndim != 2 or a.ty.ndim < 2:
         report.refuse(pattern, "weights must be 2-D and the activation at least 2-D", node)
         return None
+    codes, held = w.q, None
     if w.zero_point is not None and np.any(w.zero_point.astype(np.float32) != 0):
-        report.refuse(pattern, "asymmetric weights (nonzero zero point)", node)
-        return None
-    kind = {"int4": "int4", "int8": "int8", **{f: f for f in FLOAT8}}.get(w.dtype)
+        codes = _centred_codes(w)
+        if codes is None:
+            report.refuse(pattern, f"asymmetric {w.dtype} weights whose codes minus zero point do not fit int8", node)
+            return None
+        held = f"asymmetric {w.dtype} weights held as int8 codes minus zero point (exact; 8 bits per weight)"
+        kind = "int8"
+    else:
+        kind = {"int4": "int4", "int8": "int8", **{f: f for f in FLOAT8}}.get(w.dtype)
     if kind is None:
         report.refuse(pattern, f"no kernel for {w.dtype} weights", node)
         return None
     try:
-        q_kn, s, block = K.onnx_weight_to_kn(w.q, w.scale, axis=w.axis, block_size=w.block_size, transposed=transposed)
+        q_kn, s, block = K.onnx_weight_to_kn(codes, w.scale, axis=w.axis, block_size=w.block_size, transposed=transposed)
     except ModelError as e:
         report.refuse(pattern, str(e), node)
         return None
@@ -124,6 +130,30 @@ def _lower_linear(ctx: _Context, a: relax.Expr, b: relax.Expr, *, transposed: bo
         # rules before it did not apply
         built = K.choose(describe(ctx.target), K.MatmulSpec(activation, kind, k, n, block, rows=rows, dot4=dot4))
         report.layers[node] = {"kernel": f"{activation} x {kind}" + (layout if dot4 else ""), "activation": activation,
-                               "status": "emulated" if emulated else "native", "reason": emulated,
+                               "status": "emulated" if emulated else "native", "reason": emulated or held,
                                "rule": built.rule.name, "rules_refused": built.refused}
     return y2 if len(shape) == 2 else relax.op.reshape(y2, [*shape[:-1], n])
+
+
+def _centred_codes(w: ConstantDequantize) -> np.ndarray | None:
+    """An asymmetric integer weight's codes minus its zero point, as int8 (None where they do
+    not fit): DequantizeLinear computes (q - z) * scale, so the int8 kernel on (q - z) with the
+    same scales is exact. 4-bit codes always fit ([-15, 15]); this is how a table quantized as
+    an embedding (uint4, asymmetric) and tied to the output projection runs natively."""
+    if w.dtype not in ("int4", "uint4", "int8", "uint8"):
+        return None
+    z = np.asarray(w.zero_point).astype(np.int16)
+    q = np.asarray(w.q).astype(np.int16)
+    if z.ndim == 0 or z.size == 1:
+        z = z.reshape(())
+    elif w.block_size:  # blocked: z has q's shape with the axis divided into blocks
+        z = np.repeat(z, w.block_size, axis=w.axis % q.ndim)
+        z = np.take(z, np.arange(q.shape[w.axis % q.ndim]), axis=w.axis % q.ndim)
+    else:  # per channel along axis
+        shape = [1] * q.ndim
+        shape[w.axis % q.ndim] = q.shape[w.axis % q.ndim]
+        z = z.reshape(shape)
+    d = q - z
+    if d.min() < -128 or d.max() > 127:
+        return None
+    return d.astype(np.int8)
