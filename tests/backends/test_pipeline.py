@@ -59,3 +59,22 @@ def test_an_unexpected_tvm_pipeline_is_a_named_error(monkeypatch):
     monkeypatch.setattr(cpu, "legalize_passes", lambda target: stock(target)[::-1])
     with pytest.raises(BackendError, match="LegalizeOps"):
         pipeline.cpu_pipeline(host_target())(_matmul_module(1, 64, 64))
+
+
+def test_depthwise_conv_over_1x1_map():
+    """A 7x7 depthwise conv over a 1x1 map at batch 1 (ConvNeXt's last stage on small images) is
+    GEMV-shaped with no free spatial loop: dlight's GEMV rule asserted on it; it must refuse and
+    leave the block to CpuFallback."""
+    c = 32
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, c, 1, 1], "float32"))
+    w = relax.Var("w", relax.TensorType([c, 1, 7, 7], "float32"))
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.nn.conv2d(x, w, padding=3, groups=c))
+        bb.emit_func_output(y)
+    vm = relax.VirtualMachine(pipeline.build(bb.get(), host_target()), tvm.cpu())
+    rng = np.random.default_rng(0)
+    xs, ws = rng.standard_normal((1, c, 1, 1)).astype(np.float32), rng.standard_normal((c, 1, 7, 7)).astype(np.float32)
+    got = vm["main"](tvm.runtime.tensor(xs), tvm.runtime.tensor(ws)).numpy()
+    np.testing.assert_allclose(got, xs * ws[:, :, 3:4, 3:4].reshape(1, c, 1, 1), rtol=1e-6)
