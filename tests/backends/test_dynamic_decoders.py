@@ -23,6 +23,7 @@ import pytest
 
 pytest.importorskip("tvm")
 pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
 
 import lpcompile  # noqa: E402
 from lpcompile import runtime  # noqa: E402
@@ -55,10 +56,12 @@ def exported(tmp_path_factory):
     return get
 
 
-def build_and_compare(src, name: str, fmt: str, out) -> list[dict]:
-    """Compile `src` with `fmt`, save, load; run both sizes against onnxruntime on the QDQ model."""
+def build_and_compare(src, name: str, fmt: str, out, feeds=None) -> list[dict]:
+    """Compile `src` with `fmt`, save, load; run both sizes against onnxruntime on the QDQ model.
+    `feeds(rng, batch, length)`: inputs (default: `hf_tiny.feeds` for `name`)."""
     rng = np.random.default_rng(0)
-    calibration = [hf_tiny.feeds(name, rng, 1) for _ in range(8)]
+    feeds = feeds or (lambda rng, batch, length=8: hf_tiny.feeds(name, rng, batch, length))
+    calibration = [feeds(rng, 1) for _ in range(8)]
     lpcompile.compile(str(src), format=fmt, calibration=calibration, emit=("onnx", "tvm")).save(out)
     manifest = json.loads((out / "manifest.json").read_text())
     not_native = [(l["name"], l["op"], l["status"], l["reason"]) for l in manifest["layers"] if l["status"] != "native"]
@@ -67,18 +70,18 @@ def build_and_compare(src, name: str, fmt: str, out) -> list[dict]:
     model = runtime.load(out)
     qdq, flt = onnx.load(out / "model.qdq.onnx"), onnx.load(src)
     rows = []
-    kind = "decoder" if name in hf_tiny.DECODERS else "convnet"
+    kind = "convnet" if name in hf_tiny.CONVNETS else "decoder"
     for batch, length in SIZES[kind]:
-        feeds = hf_tiny.feeds(name, rng, batch, length)
-        got = model.run(feeds)[model.output_names[0]]
-        ref = ort_run(qdq, feeds)[0]
+        inputs = feeds(rng, batch, length)
+        got = model.run(inputs)[model.output_names[0]]
+        ref = ort_run(qdq, inputs)[0]
         assert got.shape == ref.shape, (got.shape, ref.shape)
         err = float(np.abs(got - ref).max())
         row = {"batch": batch, "length": length, "max_abs_diff": err, "ref_max": float(np.abs(ref).max())}
         if fmt in WEIGHT_ONLY:
             assert err <= 1e-5 * row["ref_max"] + 1e-6, (name, fmt, row)
         else:
-            base = ort_run(flt, feeds)[0]
+            base = ort_run(flt, inputs)[0]
             tvm_ort, tvm_flt, ort_flt = _cosine_distance(got, ref), _cosine_distance(got, base), _cosine_distance(ref, base)
             row.update(tvm_vs_ort=tvm_ort, ort_vs_float=ort_flt)
             assert tvm_ort <= 0.5 * ort_flt + 1e-7, (name, fmt, row)
@@ -99,6 +102,53 @@ def test_dynamic_decoder(exported, tmp_path, name, fmt):
 def test_dynamic_every_recipe(exported, tmp_path, name, fmt):
     rows = build_and_compare(exported(name), name, fmt, tmp_path / "out")
     print(f"\n{name} {fmt}: {rows}")
+
+
+class AttentionBlock(torch.nn.Module):
+    """A plain attention block as people write it: views by (batch, seq), rotary tables indexed
+    by `arange(seq)`, grouped key/value heads repeated with `expand`, a `triu` causal mask."""
+
+    def __init__(self, d: int = 64, heads: int = 4, kv_heads: int = 2, max_len: int = 128):
+        super().__init__()
+        self.h, self.kvh, self.dh = heads, kv_heads, d // heads
+        self.q, self.o = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+        self.k, self.v = torch.nn.Linear(d, kv_heads * self.dh), torch.nn.Linear(d, kv_heads * self.dh)
+        inv = 1.0 / (10000 ** (torch.arange(0, self.dh, 2).float() / self.dh))
+        angles = torch.outer(torch.arange(max_len).float(), inv)
+        self.register_buffer("cos", torch.cat([angles, angles], -1).cos())
+        self.register_buffer("sin", torch.cat([angles, angles], -1).sin())
+
+    def rotate(self, x, pos):
+        half = self.dh // 2
+        return x * self.cos[pos][None, None] + torch.cat([-x[..., half:], x[..., :half]], -1) * self.sin[pos][None, None]
+
+    def forward(self, x):
+        b, n, d = x.shape
+        pos = torch.arange(n)
+        q = self.rotate(self.q(x).view(b, n, self.h, self.dh).transpose(1, 2), pos)
+        k = self.rotate(self.k(x).view(b, n, self.kvh, self.dh).transpose(1, 2), pos)
+        v = self.v(x).view(b, n, self.kvh, self.dh).transpose(1, 2)
+        g = self.h // self.kvh
+        k = k[:, :, None].expand(b, self.kvh, g, n, self.dh).reshape(b, self.h, n, self.dh)
+        v = v[:, :, None].expand(b, self.kvh, g, n, self.dh).reshape(b, self.h, n, self.dh)
+        mask = torch.triu(torch.full((n, n), float("-inf")), 1)
+        a = torch.softmax(q @ k.transpose(-1, -2) / self.dh**0.5 + mask, -1) @ v
+        return self.o(a.transpose(1, 2).reshape(b, n, d))
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_captured_attention_block(tmp_path, fmt):
+    """`lpcompile.capture(module, dynamic=["batch", "seq"])` on a plain attention block."""
+    torch.manual_seed(0)
+    src = tmp_path / "attn.onnx"
+    onnx.save(ir.to_proto(lpcompile.capture(AttentionBlock(), (torch.randn(2, 8, 64),), dynamic=["batch", "seq"])), src)
+    name = onnx.load(src).graph.input[0].name
+
+    def feeds(rng, batch, length=8):
+        return {name: rng.standard_normal((batch, length, 64)).astype(np.float32)}
+
+    rows = build_and_compare(src, "attention", fmt, tmp_path / "out", feeds)
+    print(f"\nattention block {fmt}: {rows}")
 
 
 # --- each shape form on its own: a float graph, imported and built, against onnxruntime ------------
