@@ -25,6 +25,8 @@ ModelSource = "str | os.PathLike | onnx.ModelProto | ir.Model | Any"
 
 # ModelProto.SerializeToString fails beyond 2 GiB; larger models go through a file with external data.
 _PROTO_LIMIT = 1_800_000_000
+# save_model writes weights inline up to this many bytes, beyond it into `<name>.data`.
+_INLINE_LIMIT = 256 << 20
 
 
 def load_model(source: Any) -> ir.Model:
@@ -72,11 +74,16 @@ def _first_line(e: BaseException) -> str:
 def to_proto(model: ir.Model) -> onnx.ModelProto:
     """A self-contained ModelProto: weights the IR keeps lazy (external data, spilled weights)
     are read into it, on a copy of the graph (the model keeps them lazy)."""
+    return ir.serde.serialize_model(_in_memory(model))
+
+
+def _in_memory(model: ir.Model) -> ir.Model:
+    """`model`, or where some weights are external, a copy with those read into memory."""
     if any(isinstance(v.const_value, ir.ExternalTensor) for g in (model.graph, *model.graph.subgraphs())
            for v in g.initializers.values()):
         model = model.clone()
         ir.external_data.load_to_model(model)
-    return ir.serde.serialize_model(model)
+    return model
 
 
 def to_graphsurgeon(model: ir.Model):
@@ -92,11 +99,13 @@ def weight_bytes(model: ir.Model) -> int:
 
 
 def save_model(model: ir.Model, path: str | os.PathLike) -> None:
-    """Save with weights inline when the model is small, else next to it as `<name>.data`."""
+    """Save with weights inline when they total under _INLINE_LIMIT, else next to it as
+    `<name>.data`, written one tensor at a time (an inline save holds every weight twice more:
+    the proto and its bytes)."""
     path = Path(path)
     total = weight_bytes(model)
-    if total < _PROTO_LIMIT:
-        ir.save(model, path)
+    if total < _INLINE_LIMIT:
+        ir.save(_in_memory(model), path)  # lazy weights read in: the file must stand alone
     else:
         ir.save(model, path, external_data=path.name + ".data")
 

@@ -22,6 +22,7 @@ from lpcompile.errors import FormatError
 from lpcompile.formats import MIN_SCALE, FloatFormat, IntFormat, PerBlock, PerChannel, PerTensor, QuantSpec
 
 _CLIP_RATIOS = np.linspace(1.0, 0.5, 26)
+_SEARCH_ELEMENTS = 1 << 20  # weights per slice of the clipping search (find_scales)
 
 
 @dataclass(frozen=True)
@@ -93,36 +94,48 @@ def find_scales(
 
     `importance` [K] weighs each input feature's squared error in the clipping search (the
     diagonal of XᵀX: an error on a loud input channel costs more at the layer output)."""
-    rows = _grouped(w, spec)
-    imp = 1.0 if importance is None else _grouped(np.broadcast_to(importance[:, None], w.shape), spec)
+    all_rows = _grouped(w, spec)
+    all_imp = 1.0 if importance is None else _grouped(np.broadcast_to(importance[:, None], w.shape), spec)
     fmt = spec.format
     ratios = _CLIP_RATIOS if clip_search else np.ones(1)
-    if spec.symmetric:
-        absmax = np.abs(rows).max(axis=1)
-        best_scale = _safe(absmax / fmt.max_finite)
-        if clip_search:
-            best_err = np.full(len(rows), np.inf)
-            for r in ratios:
-                s = _safe(absmax * r / fmt.max_finite)
-                err = (imp * (fmt.quantize(rows / s[:, None]) * s[:, None] - rows) ** 2).sum(axis=1)
-                better = err < best_err
-                best_scale = np.where(better, s, best_scale)
-                best_err = np.where(better, err, best_err)
-        return _ungroup_params(best_scale.astype(np.float32), spec, w.shape), None
-    lo = np.minimum(rows.min(axis=1), 0.0)
-    hi = np.maximum(rows.max(axis=1), 0.0)
-    best_err = np.full(len(rows), np.inf)
-    best_s = np.ones(len(rows))
-    best_z = np.zeros(len(rows))
-    for r in ratios:
-        s = _safe((hi - lo) * r / (fmt.qmax - fmt.qmin))
-        z = np.clip(np.rint(fmt.qmin - lo * r / s), fmt.qmin, fmt.qmax)
-        q = np.clip(np.rint(rows / s[:, None]) + z[:, None], fmt.qmin, fmt.qmax)
-        err = (imp * ((q - z[:, None]) * s[:, None] - rows) ** 2).sum(axis=1)
-        better = err < best_err
-        best_s, best_z, best_err = np.where(better, s, best_s), np.where(better, z, best_z), np.where(better, err, best_err)
+    # Groups are independent, so the search runs on slices of them: its temporaries (a few
+    # float64 copies per ratio) are those of a slice, not of the layer (a 32000x4096 embedding
+    # held ~8x its fp32 size in them); every group's result is the same.
+    step = max(1, _SEARCH_ELEMENTS // max(all_rows.shape[1], 1))
+    scales, zeros = [], []
+    for start in range(0, len(all_rows), step):
+        rows = all_rows[start : start + step]
+        imp = all_imp if np.isscalar(all_imp) else all_imp[start : start + step]
+        if spec.symmetric:
+            absmax = np.abs(rows).max(axis=1)
+            best_scale = _safe(absmax / fmt.max_finite)
+            if clip_search:
+                best_err = np.full(len(rows), np.inf)
+                for r in ratios:
+                    s = _safe(absmax * r / fmt.max_finite)
+                    err = (imp * (fmt.quantize(rows / s[:, None]) * s[:, None] - rows) ** 2).sum(axis=1)
+                    better = err < best_err
+                    best_scale = np.where(better, s, best_scale)
+                    best_err = np.where(better, err, best_err)
+            scales.append(best_scale.astype(np.float32))
+            continue
+        lo = np.minimum(rows.min(axis=1), 0.0)
+        hi = np.maximum(rows.max(axis=1), 0.0)
+        best_err = np.full(len(rows), np.inf)
+        best_s = np.ones(len(rows))
+        best_z = np.zeros(len(rows))
+        for r in ratios:
+            s = _safe((hi - lo) * r / (fmt.qmax - fmt.qmin))
+            z = np.clip(np.rint(fmt.qmin - lo * r / s), fmt.qmin, fmt.qmax)
+            q = np.clip(np.rint(rows / s[:, None]) + z[:, None], fmt.qmin, fmt.qmax)
+            err = (imp * ((q - z[:, None]) * s[:, None] - rows) ** 2).sum(axis=1)
+            better = err < best_err
+            best_s, best_z, best_err = np.where(better, s, best_s), np.where(better, z, best_z), np.where(better, err, best_err)
+        scales.append(best_s.astype(np.float32))
+        zeros.append(best_z.astype(np.float32))
     shape = w.shape
-    return _ungroup_params(best_s.astype(np.float32), spec, shape), _ungroup_params(best_z.astype(np.float32), spec, shape)
+    scale = _ungroup_params(np.concatenate(scales), spec, shape)
+    return scale, (_ungroup_params(np.concatenate(zeros), spec, shape) if zeros else None)
 
 
 def _safe(scale: np.ndarray) -> np.ndarray:
