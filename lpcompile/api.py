@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from lpcompile.backends.onnx import portable as portable_form
 from lpcompile.calibration_data import as_calibration_data
 from lpcompile.errors import LpcompileError, PassError, TargetError
 from lpcompile.extras import require as require_extra
@@ -73,7 +74,7 @@ class CompiledModel:
 
     __call__ = run
 
-    def save(self, out_dir: str | os.PathLike) -> Path:
+    def save(self, out_dir: str | os.PathLike, portable: bool = True) -> Path:
         """Write `model.qdq.onnx`, `report.json`, `report.md` and `plan.json` into `out_dir` (with
         emit "tvm" also the TVM artifact: model.so, params.bin, manifest.json; with a measured plan
         the per-layer chart select.png), atomically: everything goes to a sibling temporary
@@ -82,7 +83,13 @@ class CompiledModel:
 
         When the TVM build fails, the finished quantization is not thrown away: `out_dir` still
         gets the QDQ model, the plan and a report recording the failure, and then the failure is
-        raised (one line, naming where the QDQ model is)."""
+        raised (one line, naming where the QDQ model is).
+
+        `portable` (default): model.qdq.onnx is the form onnxruntime (default session) and OpenVINO
+        run with the results of onnxruntime without optimizations (`lpcompile.backends.onnx`:
+        functions inlined, dynamic and float8 activation Q/DQ as arithmetic); False: the form with
+        lpcompile's functions (`ai.lpcompile` Hadamard, PerTokenQDQ_*) that backends match. The
+        TVM artifact is always built from the latter, in memory."""
         failure: list[LpcompileError] = []
 
         def fill(tmp: Path) -> None:
@@ -94,7 +101,9 @@ class CompiledModel:
                     failure.append(e)
                     report = {**report, "tvm": {"build_failed": str(e)}}
             if "onnx" in self.emit or failure:
-                save_model(self.qdq_model, tmp / "model.qdq.onnx")
+                qdq, rewritten = portable_form(self.qdq_model) if portable else (self.qdq_model, {})
+                save_model(qdq, tmp / "model.qdq.onnx")
+                report["qdq_onnx"] = {"form": "portable" if portable else "functions", "rewritten": dict(rewritten)}
             if self.plan is not None:
                 self.plan.save(tmp / "plan.json")
             if "select" in report:
