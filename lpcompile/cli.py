@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hadamard rotations against activation outliers (default: auto for recipes with "
                         "<= 8-bit activations or 4-bit weights, else off)")
     p.add_argument("--emit", default="onnx", help=f"comma-separated outputs ({', '.join(EMITS)})")
+    p.add_argument("--qdq-functions", action="store_true",
+                   help="keep lpcompile's functions (ai.lpcompile Hadamard, PerTokenQDQ_*) in model.qdq.onnx, the form "
+                        "its own TVM lowering matches; default: the portable form onnxruntime and OpenVINO run as they are")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="samples per onnxruntime run during calibration")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.add_argument("-v", "--verbose", action="store_true", help="log what every pass did")
@@ -141,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             goal=goals.from_flags(vars(args), args.latency_tokens),
             plan=args.plan,
         )
-        result.save(out)
+        result.save(out, portable=not args.qdq_functions)
     except LpcompileError as e:
         print(f"lpcompile: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -132,3 +132,16 @@ def test_functions_form_is_kept_on_request(data, tmp_path):
     model = ir.load(out / "model.qdq.onnx")
     assert {f.name for f in model.functions.values()} >= {"Hadamard", "PerTokenQDQ_int8"}
     np.testing.assert_array_equal(ort_run(model, feeds)[0], ort_run(compiled.qdq_model, feeds)[0])
+
+
+@pytest.mark.parametrize("flags, functions", [((), False), (("--qdq-functions",), True)])
+def test_cli_writes_the_portable_form_unless_asked_for_functions(tmp_path, flags, functions):
+    import subprocess
+    import sys
+
+    ir.save(mlp_model(), tmp_path / "mlp.onnx")
+    r = subprocess.run([sys.executable, "-m", "lpcompile", str(tmp_path / "mlp.onnx"), "--format", "w4a8", "--rotate",
+                        "online", "--calibration", "random:8", "-o", str(tmp_path / "out"), "-q", *flags],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert bool(ir.load(tmp_path / "out" / "model.qdq.onnx").functions) == functions
