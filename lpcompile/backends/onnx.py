@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["portable"]
 
-# code range of each integer code type, from the formats that have one
+# largest finite value of each float8 code type, and the code range of each integer one
 _FLOAT8_MAX = {t: float(ml_dtypes.finfo(d).max) for t, d in (
     (ir.DataType.FLOAT8E4M3FN, ml_dtypes.float8_e4m3fn), (ir.DataType.FLOAT8E4M3FNUZ, ml_dtypes.float8_e4m3fnuz),
     (ir.DataType.FLOAT8E5M2, ml_dtypes.float8_e5m2), (ir.DataType.FLOAT8E5M2FNUZ, ml_dtypes.float8_e5m2fnuz))}
@@ -97,8 +97,13 @@ def _rewrite_pair(graph: ir.Graph, q: ir.Node) -> str | None:
         kind = "runtime_scale_qdq"
     else:
         return None
+    with_zp = zp is not None and not _is_zero(zp)
+    trailing = _trailing_ones(scale, x, _attr(q, "axis", 1))
+    if x.dtype not in (None, ir.DataType.FLOAT) or (with_zp and kind == "float8_qdq") or trailing is None:
+        log.warning("portable: %s left as QuantizeLinear (float32 input, zero point 0 for float8, and a known "
+                    "rank needed)", q.name)
+        return None
     nodes: list[ir.Node] = []
-
     base = code.name or q.name or "qdq"
 
     def add(op, inputs, attrs=None):
@@ -110,14 +115,14 @@ def _rewrite_pair(graph: ir.Graph, q: ir.Node) -> str | None:
     def const(array, label):
         return add("Constant", [], {"value": ir.Tensor(np.asarray(array), name=f"{base}_{label}")})
 
-    s = _broadcast_scale(scale, x, _attr(q, "axis", 1), add, const)
-    if s is None:
-        log.warning("portable: %s left as QuantizeLinear (rank of its input unknown)", q.name)
-        return None
+    def along_axis(v):  # a per-axis 1-D tensor broadcast against x
+        if not trailing:
+            return v
+        return add("Unsqueeze", [v, const(np.arange(1, trailing + 1, dtype=np.int64), "axes")])
+
+    s = along_axis(scale)
     scaled = add("Div", [x, s])
     if kind == "float8_qdq":
-        if zp is not None and not _is_zero(zp):
-            return None
         # The explicit Clip saturates where a runtime's Cast does not (OpenVINO 2026.4 casts
         # out-of-range values to NaN, whatever `saturate` says).
         top = _FLOAT8_MAX[code_type]
@@ -127,11 +132,8 @@ def _rewrite_pair(graph: ir.Graph, q: ir.Node) -> str | None:
     else:
         lo, hi = _INT_RANGES[code_type]
         rounded = add("Round", [scaled])
-        zp_f = None
-        if zp is not None and not _is_zero(zp):
-            zp_f = _broadcast_scale(add("Cast", [zp], {"to": int(ir.DataType.FLOAT)}), x, _attr(q, "axis", 1), add, const)
-            if zp_f is None:
-                return None
+        zp_f = along_axis(add("Cast", [zp], {"to": int(ir.DataType.FLOAT)})) if with_zp else None
+        if zp_f is not None:
             rounded = add("Add", [rounded, zp_f])
         clipped = add("Clip", [rounded, const(np.float32(lo), "lo"), const(np.float32(hi), "hi")])
         if zp_f is not None:
@@ -162,24 +164,19 @@ def _code_type(q: ir.Node) -> ir.DataType | None:
     return q.outputs[0].dtype or ir.DataType.UINT8  # QuantizeLinear's default: uint8
 
 
-def _broadcast_scale(scale: ir.Value, x: ir.Value, axis: int, add, const) -> ir.Value | None:
-    """`scale` as a tensor that broadcasts against `x` the way QuantizeLinear's `axis` says: a
-    scalar as it is; a 1-D per-axis scale with trailing ones after `axis`."""
+def _trailing_ones(scale: ir.Value, x: ir.Value, axis: int) -> int | None:
+    """How many unit dimensions `scale` needs after it to broadcast against `x` the way
+    QuantizeLinear's `axis` says: 0 for a scalar; for a 1-D per-axis scale, the axes of `x` after
+    `axis`. None when a rank is unknown."""
     rank_s = _rank(scale)
     if rank_s == 0:
-        return scale
-    if rank_s is None and scale.const_value is None:
+        return 0
+    if rank_s != 1:
         return None
     if axis < 0:
-        trailing = -axis - 1
-    else:
-        rank_x = _rank(x)
-        if rank_x is None:
-            return None
-        trailing = rank_x - axis - 1
-    if trailing == 0:
-        return scale
-    return add("Unsqueeze", [scale, const(np.arange(1, trailing + 1, dtype=np.int64), "axes")])
+        return -axis - 1
+    rank_x = _rank(x)
+    return None if rank_x is None else rank_x - axis - 1
 
 
 def _rank(v: ir.Value) -> int | None:

@@ -118,3 +118,18 @@ def test_a_pair_that_is_a_graph_output_keeps_its_name_and_a_second_run_changes_n
     np.testing.assert_array_equal(ort_run(out, {"x": x})[0], ort_run(model, {"x": x})[0])
     again, stats = portable(out)
     assert not stats and _ops(again) == _ops(out)
+
+
+def test_a_runtime_scale_with_a_zero_point_and_an_axis_is_rewritten_bit_identically():
+    model = _parse("""<ir_version: 10, opset_import: ["" : 21]>
+        g (float[N,8,6] x) => (float[N,8,6] y) {
+            a = Abs(x)
+            m = ReduceMax <keepdims = 0> (a, axes)
+            s = Div(m, c127)
+            q = QuantizeLinear <axis = 1> (x, s, zp)
+            y = DequantizeLinear <axis = 1> (q, s, zp)
+        }""", c127=np.float32(127), zp=np.full(8, 128, np.uint8), axes=np.array([0, 2], np.int64))
+    out, stats = portable(model)
+    assert stats == {"runtime_scale_qdq": 1} and "Unsqueeze" in _ops(out) and "Sub" in _ops(out)
+    x = _hard_inputs((3, 8, 6), np.random.default_rng(4))
+    np.testing.assert_array_equal(ort_run(out, {"x": x})[0], ort_run(model, {"x": x})[0])
