@@ -204,3 +204,31 @@ def test_shape_arithmetic_golden():
         ref = ort_run(model, {"x": x})
         for g, r in zip(got, ref):
             np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6)
+
+
+RANGES = """<ir_version: 10, opset_import: ["" : 21]>
+ranges (float[B,S] x) => (int64[N] up, int64[M] down) {
+    one = Constant <value = int64 {1}> ()
+    two = Constant <value = int64 {2}> ()
+    three = Constant <value = int64 {3}> ()
+    minus_two = Constant <value = int64 {-2}> ()
+    shp = Shape(x)
+    s = Gather <axis = 0> (shp, one)
+    up = Range(two, s, three)
+    down = Range(s, one, minus_two)
+}"""
+
+
+def test_range_over_symbolic_scalars():
+    """Integer Range over a symbolic scalar keeps ONNX's length max(ceil((limit - start) / delta), 0),
+    empty ranges and negative steps included."""
+    import tvm
+    from tvm import relax
+
+    model = onnx.parser.parse_model(RANGES)
+    vm = relax.VirtualMachine(compile_model(model, TARGET)[0], tvm.cpu())
+    for s in (1, 2, 3, 8):
+        x = np.zeros((2, s), np.float32)
+        got = [o.numpy() for o in vm["main"](tvm.runtime.tensor(x))]
+        for g, r in zip(got, ort_run(model, {"x": x})):
+            np.testing.assert_array_equal(g, r)
