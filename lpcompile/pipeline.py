@@ -33,6 +33,7 @@ from lpcompile.calibration_data import CalibrationData
 from lpcompile.errors import LpcompileError, PassError
 from lpcompile.goals import Goal
 from lpcompile.ir.patterns import find_linear_layers
+from lpcompile.ir.store import trim_heap
 from lpcompile.passes.calibrate import Calibrate
 from lpcompile.passes.cleanup import Cleanup
 from lpcompile.passes.quantize import Quantize, UniformPlan
@@ -126,6 +127,7 @@ class Pipeline(ir.passes.PassBase):
                 raise PassError(f"{name} failed after [{ran}]: {type(e).__name__}: {msg}") from e
             finally:
                 self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            trim_heap()  # what the pass freed (sessions, weight temporaries) is not held into the next one
             self.ran.append(name)
             if result.model is not model:  # a functional pass: carry the analyses over
                 for key, value in model.meta.items():

@@ -14,6 +14,7 @@ until the result is saved. Stored tensors are immutable, like every tensor in th
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 import tempfile
 import weakref
@@ -92,3 +93,21 @@ def release(tensor: ir.TensorProtocol | None) -> None:
             tensor.release()
         except BufferError:  # someone still holds a view of the mapping (an onnxruntime session): it stays
             pass
+
+
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def trim_heap() -> None:
+    """Hand memory freed since (an onnxruntime session, a layer's temporaries) back to the system:
+    glibc keeps it in its arenas, and the resident size with it (after calibrating MiniLM, 190 MB
+    of 550). A no-op where the C library has no malloc_trim."""
+    if _TRIM is not None:
+        _TRIM(0)
