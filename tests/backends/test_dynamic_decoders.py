@@ -232,3 +232,40 @@ def test_range_over_symbolic_scalars():
         got = [o.numpy() for o in vm["main"](tvm.runtime.tensor(x))]
         for g, r in zip(got, ort_run(model, {"x": x})):
             np.testing.assert_array_equal(g, r)
+
+
+SHAPES_AS_TENSORS = """<ir_version: 10, opset_import: ["" : 21]>
+g (float[B,S,8] x) => (float[B,S,8] y, float[B,S,8] z, int64[3] full) {
+    zero1 = Constant <value = int64[1] {0}> ()
+    two1 = Constant <value = int64[1] {2}> ()
+    ones = Constant <value = int64[2] {1, 1}> ()
+    eight = Constant <value = int64[1] {8}> ()
+    flat_shape = Constant <value = int64[2] {-1, 8}> ()
+    shp = Shape(x)
+    bs = Slice(shp, zero1, two1)
+    bs2 = Mul(bs, ones)
+    computed = Concat <axis = 0> (bs2, eight)
+    y = Reshape(x, computed)
+    full = Concat <axis = 0> (bs, eight)
+    flat = Reshape(x, flat_shape)
+    back = Reshape(flat, full)
+    z = Add(back, x)
+}"""
+
+
+def test_shape_values_read_as_tensors():
+    """A shape value read by an op TVM only runs on tensors (`Mul(Slice(Shape(x)), c)`) or
+    returned by the graph is held as a tensor; a Reshape by a tensor computed from it works, and
+    one by the same value where it is also a graph output keeps its symbolic dims (`back + x`
+    broadcasts without a run-time shape)."""
+    import tvm
+    from tvm import relax
+
+    model = onnx.parser.parse_model(SHAPES_AS_TENSORS)
+    vm = relax.VirtualMachine(compile_model(model, TARGET)[0], tvm.cpu())
+    rng = np.random.default_rng(0)
+    for b, s in ((2, 3), (1, 5)):
+        x = rng.standard_normal((b, s, 8)).astype(np.float32)
+        got = [o.numpy() for o in vm["main"](tvm.runtime.tensor(x))]
+        for g, r in zip(got, ort_run(model, {"x": x})):
+            np.testing.assert_array_equal(g, r)

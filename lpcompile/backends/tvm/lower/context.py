@@ -62,6 +62,9 @@ class _Context:
         self.separate = target.kind.name == "llvm"
         self.external: dict[str, tirx.PrimFunc] = {}
         self.report = LoweringReport()
+        # int64 tensors made from a symbolic shape for a consumer that computes on tensors (see
+        # shapes.as_tensor), with that shape: a Reshape / Expand reading one gets the dims back
+        self.shape_tensors: dict[relax.Expr, relax.ShapeExpr] = {}
 
     def kernel(self, key: tuple, make) -> relax.Expr:
         """A scheduled kernel (built once per key): a GlobalVar in the module, or for CPU targets

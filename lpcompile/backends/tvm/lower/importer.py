@@ -21,6 +21,7 @@ from lpcompile.backends.tvm.lower.hadamard import Hadamard
 from lpcompile.backends.tvm.lower.linear import Gemm, MatMul
 from lpcompile.backends.tvm.lower.qdq import DequantizeLinear, PerTokenQDQ_int4, PerTokenQDQ_int8, QuantizeLinear
 from lpcompile.backends.tvm.lower.report import LoweringReport
+from lpcompile.backends.tvm.lower.shapes import SHAPE_OPS, as_tensor, is_scalar, is_shape
 from lpcompile.backends.tvm.lower.workarounds import Expand, Range, Reshape
 from lpcompile.errors import ModelError
 from lpcompile.formats import INT4, UINT4
@@ -43,6 +44,9 @@ CONVERTERS: dict[str, type] = {
 }
 
 
+TENSOR_ALIAS = "lpcompile.tensor::"  # the name a value is read by where it must be a tensor
+
+
 class _ShapedNodes(dict):
     """The importer's value table. A tensor some converter left without a shape, or with symbolic
     dims unrelated to the graph inputs' (TVM gives a Range its own length variable), gets the
@@ -50,11 +54,15 @@ class _ShapedNodes(dict):
     through a match_cast (checked at run time); later ops (broadcasts with other tensors,
     reshapes with -1) then legalize."""
 
-    def __init__(self, base: dict, bb: relax.BlockBuilder, value_info: dict, dims: dict):
+    def __init__(self, base: dict, bb: relax.BlockBuilder, value_info: dict, dims: dict, tensor_shapes: set,
+                 outputs: set):
         super().__init__(base)
         self.bb, self.value_info, self.dims = bb, value_info, dims
+        self.tensor_shapes, self.outputs = tensor_shapes, outputs
 
     def __setitem__(self, key, value):
+        if key in self.outputs and (is_shape(value) or (is_scalar(value) and not isinstance(value, relax.Var))):
+            value = as_tensor(self.bb, value)  # the graph returns tensors
         ty = getattr(value, "ty", None)
         vi = self.value_info.get(key)
         if vi is not None and isinstance(ty, relax.TensorType) and self._unknown(ty):
@@ -65,6 +73,8 @@ class _ShapedNodes(dict):
                     value = self.bb.emit(value)
                 value = self.bb.match_cast(value, relax.TensorType(shape, ty.dtype))
         super().__setitem__(key, value)
+        if key in self.tensor_shapes:  # read by an op that computes on tensors: also as a tensor
+            super().__setitem__(TENSOR_ALIAS + key, as_tensor(self.bb, value) if is_shape(value) else value)
 
     def _unknown(self, ty: relax.TensorType) -> bool:
         """No shape, or dims that are symbolic but none of the graph inputs' (e.g. a Range's
@@ -92,8 +102,23 @@ class QdqImporter(ox.ONNXGraphImporter):
                 if d.dim_param and isinstance(v, tirx.Var):
                     dims.setdefault(d.dim_param, v)
         value_info = {v.name: v for v in graph.value_info if v.type.tensor_type.HasField("shape")}
-        self._nodes = _ShapedNodes(self._nodes, self.bb, value_info, dims)
-        super()._construct_nodes(graph)
+        # A shape value (ShapeExpr) read by an op whose TVM converter takes none (not in
+        # shapes.SHAPE_OPS) is read from a tensor alias of it, so its other readers keep it
+        # symbolic: the nodes are copied with those inputs renamed (the caller's graph is not touched)
+        nodes = onnx.GraphProto()
+        nodes.node.extend(graph.node)
+        tensor_shapes = set()
+        for node in nodes.node:
+            if node.op_type not in SHAPE_OPS and node.op_type != "If":
+                for i, name in enumerate(node.input):
+                    if name:
+                        tensor_shapes.add(name)
+                        node.input[i] = TENSOR_ALIAS + name
+        outputs = {o.name for o in graph.output}
+        self._nodes = _ShapedNodes(self._nodes, self.bb, value_info, dims, tensor_shapes, outputs)
+        for name in tensor_shapes & set(self._nodes):  # graph inputs and initializers, already read
+            dict.__setitem__(self._nodes, TENSOR_ALIAS + name, self._nodes[name])
+        super()._construct_nodes(nodes)
 
     def _parse_graph_input(self, graph):
         """4-bit graph inputs are held one code per byte (int8 / uint8); their type is kept."""

@@ -14,7 +14,10 @@ helpers here give every converter what it expects:
                         tensor computed at run time (`tensor_to_shape`, its length static)
 
 so shape arithmetic stays symbolic when all its inputs are shapes or constants, and a shape that
-only exists at run time still reaches the op as a shape."""
+only exists at run time still reaches the op as a shape. A shape value some consumer cannot take
+(`Mul(Slice(Shape(x), 0, 2), c)`: TVM refuses ShapeExpr inputs outside `SHAPE_OPS`) is made a
+tensor where it is produced; the tensor remembers its dims, so a Reshape reading it stays
+symbolic."""
 
 from __future__ import annotations
 
@@ -22,7 +25,14 @@ import numpy as np
 import tvm
 from tvm import relax, tirx
 
+from lpcompile.backends.tvm.lower.context import _ACTIVE
 from lpcompile.errors import ModelError
+
+# The ops whose TVM 0.27 converters take a ShapeExpr input (onnx_frontend's
+# `shape_compatible_ops`, which it checks before converting): any other consumer of a shape value
+# gets it as a tensor (`as_tensor`), decided where the value is made (importer._ShapedNodes).
+SHAPE_OPS = frozenset({"Reshape", "Resize", "ConstantOfShape", "Gather", "Slice", "Shape", "Expand", "Concat",
+                       "Equal", "Where", "Cast", "CastLike", "Squeeze"})
 
 SHAPE_DTYPE = "int64"
 
@@ -60,9 +70,13 @@ def int64_expr(v):
 
 def as_tensor(bb: relax.BlockBuilder, x):
     """An int64 tensor holding a shape-like value: [n] for a ShapeExpr, a 0-d tensor for a scalar;
-    tensors pass through."""
+    tensors pass through. The tensor of a ShapeExpr remembers its dims for `as_shape`."""
     if is_shape(x):
-        return bb.normalize(relax.op.shape_to_tensor(x))
+        t = bb.emit(relax.op.shape_to_tensor(x))
+        ctx = _ACTIVE.get(None)
+        if ctx is not None:
+            ctx.shape_tensors[t] = x
+        return t
     if is_scalar(x):
         t = bb.normalize(relax.op.shape_to_tensor(relax.ShapeExpr([int64_expr(x)])))
         return bb.normalize(relax.op.reshape(t, ()))
@@ -76,6 +90,9 @@ def as_shape(bb: relax.BlockBuilder, x, prefix: str = "dim") -> relax.ShapeExpr:
     values = shape_values(x)
     if values is not None:
         return relax.ShapeExpr([int64_expr(v) for v in values])
+    ctx = _ACTIVE.get(None)
+    if ctx is not None and x in ctx.shape_tensors:
+        return ctx.shape_tensors[x]
     ty = getattr(x, "ty", None)
     if not isinstance(ty, relax.TensorType) or ty.ndim != 1 or ty.shape is None:
         raise ModelError(f"a shape operand must be a 1-D integer tensor of static length, got {ty}")
