@@ -78,3 +78,25 @@ def test_depthwise_conv_over_1x1_map():
     xs, ws = rng.standard_normal((1, c, 1, 1)).astype(np.float32), rng.standard_normal((c, 1, 7, 7)).astype(np.float32)
     got = vm["main"](tvm.runtime.tensor(xs), tvm.runtime.tensor(ws)).numpy()
     np.testing.assert_allclose(got, xs * ws[:, :, 3:4, 3:4].reshape(1, c, 1, 1), rtol=1e-6)
+
+
+def test_shape_computation_fuses_without_var_redefinition(monkeypatch):
+    """TVM's own Range over a symbolic scalar computes its length in tensors from shape_to_tensor,
+    whose legalized PrimFunc takes the function's symbolic dim as a TIR scalar parameter; fused
+    with the arithmetic around it, TVM 0.27's FuseTIR defined that Var twice (`VarRemapGet(source)
+    == nullptr`, the failure lpcompile's pipeline had where stock tvm.compile, which does not
+    fuse, built). Such PrimFuncs stay unfused; the result equals onnxruntime."""
+    import onnx
+
+    from lpcompile.backends.tvm.lower import from_onnx, importer
+    from tests.backends.test_dynamic_decoders import RANGES
+    from tests.conftest import ort_run
+
+    monkeypatch.delitem(importer.CONVERTERS, "Range")  # TVM's converter: the shape_to_tensor path
+    model = onnx.parser.parse_model(RANGES)
+    mod, _ = from_onnx(model, host_target())
+    vm = relax.VirtualMachine(pipeline.build(mod, host_target()), tvm.cpu())
+    for s in (1, 2, 8):
+        x = np.zeros((2, s), np.float32)
+        for got, ref in zip(vm["main"](tvm.runtime.tensor(x)), ort_run(model, {"x": x})):
+            np.testing.assert_array_equal(got.numpy(), ref)

@@ -165,6 +165,26 @@ class Gemv(dl.cpu.GEMV):
             return None
 
 
+@tvm.transform.module_pass(opt_level=0, name="UnfusedScalarPrimFuncs")
+def unfused_scalar_prim_funcs(mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
+    """PrimFuncs with a scalar parameter are kept out of fusion (op pattern opaque).
+
+    TVM 0.27's FuseTIR fails on them with `Check failed: (VarRemapGet(source) == nullptr)` (in
+    RenewDefs): a legalized `shape_to_tensor` takes the relax function's own symbolic dim (`S`)
+    as its TIR parameter, and the fused function then defines that Var twice. Stock tvm.compile
+    never meets it because its CPU pipeline does not fuse (relax's default_build pipeline, not
+    cpu_generic's); lpcompile's does (fused elementwise chains are what CpuFallback schedules).
+    These functions compute shapes (a few scalars), so running them unfused costs nothing."""
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, tirx.PrimFunc) and any(isinstance(p.ty, tvm.ir.PrimType) for p in func.params):
+            if func.attrs is None or func.attrs.get("op_pattern") != OPAQUE_PATTERN:
+                mod[gv] = func.with_attr("op_pattern", OPAQUE_PATTERN)
+    return mod
+
+
+OPAQUE_PATTERN = 8  # relax OpPatternKind.kOpaque
+
+
 def schedule_pass() -> tvm.transform.Pass:
     # (dlight's cpu.Reduction fuses every spatial loop of a symbolic-shaped matmul into one, an
     # integer division per element: 10x slower than CpuFallback on MiniLM's attention)
@@ -178,18 +198,19 @@ def cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
 
     with target:
         legalize = cpu.legalize_passes(target)
-    if not legalize or legalize[0].info.name != "LegalizeOps":  # TVM 0.27's order; replaced below
+    names = [p.info.name for p in legalize]
+    if names[:2] != ["LegalizeOps", "AnnotateTIROpPattern"]:  # TVM 0.27's order; edited below
         # (checked here: an error raised inside the module pass reaches the caller as RuntimeError)
-        raise BackendError("TVM's CPU pipeline no longer starts its legalization with LegalizeOps "
-                           f"(got {[p.info.name for p in legalize]}); lpcompile supports apache-tvm 0.27")
+        raise BackendError("TVM's CPU pipeline no longer starts its legalization with LegalizeOps, "
+                           f"AnnotateTIROpPattern (got {names}); lpcompile supports apache-tvm 0.27")
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext):
         with target:
             seq = tvm.transform.Sequential(
                 cpu.library_dispatch_passes(target)
-                + [relax.transform.LegalizeOps(FAST_MATH)]
-                + legalize[1:]
+                + [relax.transform.LegalizeOps(FAST_MATH), legalize[1], unfused_scalar_prim_funcs]
+                + legalize[2:]
                 + [schedule_pass()]
                 + cpu.dataflow_lower_passes(target)
                 + cpu.finalize_passes(target)

@@ -64,7 +64,8 @@ class Reshape(ox.Reshape):
             # a shape value (n dims) as a vector [n] / [-1] / [0], or a single dim as a scalar []
             if not target and len(values) == 1:
                 return values[0]
-            if target and (target[0] in (-1, len(values)) or (target[0] == 0 and not allowzero)):
+            if target and (target[0] in (-1, len(values)) or (target[0] == 0 and not allowzero)) and all(
+                    isinstance(v, int) or str(v.ty) == "int64" for v in values):
                 return relax.ShapeExpr(list(values))
         data = as_tensor(bb, data)
         ty = getattr(data, "ty", None)
@@ -91,8 +92,10 @@ class Range(ox.Range):
         if not dtype.startswith(("int", "uint")) or not isinstance(delta, int) or delta == 0:
             return super()._impl_v12(bb, inputs, attr, params)
         span = Analyzer().simplify(int64_expr(limit) - int64_expr(start))
-        if delta == 1 and isinstance(start, int) and start == 0:
-            length = span  # a dim read from a shape: never negative
+        if delta == 1 and isinstance(start, int) and start == 0 and isinstance(limit, tirx.Var):
+            # a dim read from a shape (or a scalar graph input, the same Var type in TVM 0.27, which
+            # must then not be negative): kept equal to the dim, so broadcasts against it check
+            length = span
         else:
             length = Analyzer().simplify(tirx.max(tirx.ceildiv(span, delta) if delta > 0 else
                                                   tirx.ceildiv(-span, -delta), 0))
