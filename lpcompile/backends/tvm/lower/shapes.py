@@ -15,8 +15,9 @@ helpers here give every converter what it expects:
 
 so shape arithmetic stays symbolic when all its inputs are shapes or constants, and a shape that
 only exists at run time still reaches the op as a shape. A shape value some consumer cannot take
-(`Mul(Slice(Shape(x), 0, 2), c)`: TVM refuses ShapeExpr inputs outside `SHAPE_OPS`) is made a
-tensor where it is produced; the tensor remembers its dims, so a Reshape reading it stays
+(`Mul(Slice(Shape(x), 0, 2), c)`: TVM refuses ShapeExpr inputs outside `SHAPE_OPS`) is read
+there from a tensor alias (importer._ShapedNodes), its other readers keep the ShapeExpr; a shape
+the graph returns is held as a tensor that remembers its dims, so a Reshape reading it stays
 symbolic."""
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from lpcompile.errors import ModelError
 
 # The ops whose TVM 0.27 converters take a ShapeExpr input (onnx_frontend's
 # `shape_compatible_ops`, which it checks before converting): any other consumer of a shape value
-# gets it as a tensor (`as_tensor`), decided where the value is made (importer._ShapedNodes).
+# reads it as a tensor (`as_tensor`, through importer._ShapedNodes' alias).
 SHAPE_OPS = frozenset({"Reshape", "Resize", "ConstantOfShape", "Gather", "Slice", "Shape", "Expand", "Concat",
                        "Equal", "Where", "Cast", "CastLike", "Squeeze"})
 
