@@ -165,20 +165,32 @@ class Gemv(dl.cpu.GEMV):
             return None
 
 
-@tvm.transform.module_pass(opt_level=0, name="UnfusedScalarPrimFuncs")
-def unfused_scalar_prim_funcs(mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
-    """PrimFuncs with a scalar parameter are kept out of fusion (op pattern opaque).
+@tvm.transform.module_pass(opt_level=0, name="UnfusedScalarArguments")
+def unfused_scalar_arguments(mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
+    """PrimFuncs that a call_tir passes a scalar argument (a symbolic dim as a value, not as one
+    of its tir_vars) are kept out of fusion (op pattern opaque).
 
     TVM 0.27's FuseTIR fails on them with `Check failed: (VarRemapGet(source) == nullptr)` (in
     RenewDefs): a legalized `shape_to_tensor` takes the relax function's own symbolic dim (`S`)
     as its TIR parameter, and the fused function then defines that Var twice. Stock tvm.compile
     never meets it because its CPU pipeline does not fuse (relax's default_build pipeline, not
     cpu_generic's); lpcompile's does (fused elementwise chains are what CpuFallback schedules).
-    These functions compute shapes (a few scalars), so running them unfused costs nothing."""
+    These functions compute shapes (a few scalars), so running them unfused costs nothing;
+    a dim passed through tir_vars (attention matmuls over a symbolic length) fuses as before."""
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    scalar_callees = set()
+    for func in mod.functions.values():
+        if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
+            continue
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                call = binding.value
+                if (isinstance(call, relax.Call) and call.op.same_as(call_tir) and isinstance(call.args[1], relax.Tuple)
+                        and any(tvm.ir.is_prim_expr(a) for a in call.args[1].fields)):
+                    scalar_callees.add(call.args[0].name_hint)
     for gv, func in list(mod.functions.items()):
-        if isinstance(func, tirx.PrimFunc) and any(isinstance(p.ty, tvm.ir.PrimType) for p in func.params):
-            if func.attrs is None or func.attrs.get("op_pattern") != OPAQUE_PATTERN:
-                mod[gv] = func.with_attr("op_pattern", OPAQUE_PATTERN)
+        if gv.name_hint in scalar_callees and isinstance(func, tirx.PrimFunc):
+            mod[gv] = func.with_attr("op_pattern", OPAQUE_PATTERN)
     return mod
 
 
@@ -209,7 +221,7 @@ def cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
         with target:
             seq = tvm.transform.Sequential(
                 cpu.library_dispatch_passes(target)
-                + [relax.transform.LegalizeOps(FAST_MATH), legalize[1], unfused_scalar_prim_funcs]
+                + [relax.transform.LegalizeOps(FAST_MATH), legalize[1], unfused_scalar_arguments]
                 + legalize[2:]
                 + [schedule_pass()]
                 + cpu.dataflow_lower_passes(target)
