@@ -148,9 +148,15 @@ def test_cli_writes_the_portable_form_unless_asked_for_functions(tmp_path, flags
 
 
 # --- the real all-MiniLM-L6-v2 (slow): the same runtimes, sentence embeddings ---------------------
+# Weight-only recipes as above. Recipes that quantize activations are step functions of their
+# inputs: on MiniLM any other summation order (onnxruntime's fused LayerNorm/Gelu/attention,
+# OpenVINO, and our own TVM artifact alike, benchmarks/results/portable_matrix.md) moves some
+# codes, so each runtime is another sample of the same quantization error: its worst cosine
+# against the reference has a floor below what was measured (16 sentences), and its mean cosine
+# against the float model stays within QUALITY_SLACK of the reference's.
 
-MINILM_ORT_DEFAULT_COSINE = {"w4a4": 0.99}  # others: 0.9995 (MatMulNBits' int8 activations)
-MINILM_OV_FP8_COSINE = {"fp8": 0.999, "fp8-e5m2": 0.995}
+MINILM_FLOORS = {"int8": 0.998, "w4a8": 0.999, "w4a4": 0.90, "fp8": 0.997, "fp8-e5m2": 0.99}
+QUALITY_SLACK = {"w4a4": 0.02}  # others: 0.005
 
 
 @pytest.fixture(scope="module")
@@ -162,26 +168,27 @@ def minilm(tmp_path_factory):
     export_model(d, "minilm")
     with np.load(d / "minilm.eval.npz") as ev:
         feeds = {k: ev[k][:16] for k in ev.files}
-    return d, feeds
+    return d, feeds, ort_run(ir.load(d / "minilm.onnx"), feeds)[0]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", RECIPE_NAMES)
 def test_minilm_portable_in_every_runtime(minilm, fmt):
-    d, feeds = minilm
+    d, feeds, float_out = minilm
     compiled = lpcompile.compile(str(d / "minilm.onnx"), format=fmt, calibration=str(d / "minilm.calib"))
     path = compiled.save(d / f"{fmt}.lpc") / "model.qdq.onnx"
     reference = ort_run(compiled.qdq_model, feeds)[0]
     np.testing.assert_array_equal(ort_run(ir.load(path), feeds)[0], reference)
-    y = ort_default(path, feeds)
-    if fmt in NBITS_FUSED:
-        assert min_cosine(y, reference) >= MINILM_ORT_DEFAULT_COSINE.get(fmt, 0.9995)
-        y = ort_default(path, feeds, **{"session.qdq_matmulnbits_accuracy_level": "0"})
-    assert_within(y, reference, 1e-5, rows_may_differ=1 / 16 if fmt == "w4a4" else 0)
-    y = openvino(path, feeds, OV_EXACT)
-    if fmt in MINILM_OV_FP8_COSINE:
-        assert min_cosine(y, reference) >= MINILM_OV_FP8_COSINE[fmt]
-    else:
-        assert_within(y, reference, 1e-5, rows_may_differ=1 / 16 if fmt == "w4a4" else 0)
-    y = openvino(path, feeds, {})
-    assert np.isfinite(y).all() and min_cosine(y, reference) >= (0.97 if fmt == "w4a4" else 0.99)
+    runs = {"ort_default": ort_default(path, feeds), "openvino_f32": openvino(path, feeds, OV_EXACT),
+            "openvino_default": openvino(path, feeds, {})}
+    assert all(np.isfinite(y).all() for y in runs.values())
+    if fmt in MINILM_FLOORS:
+        quality = float(cosine(float_out, reference).mean())
+        for name, y in runs.items():
+            assert min_cosine(y, reference) >= MINILM_FLOORS[fmt], name
+            assert float(cosine(float_out, y).mean()) >= quality - QUALITY_SLACK.get(fmt, 0.005), name
+        return
+    assert min_cosine(runs["ort_default"], reference) >= 0.9995  # MatMulNBits' int8 activations
+    assert_within(ort_default(path, feeds, **{"session.qdq_matmulnbits_accuracy_level": "0"}), reference, 1e-5)
+    assert_within(runs["openvino_f32"], reference, 1e-5)
+    assert min_cosine(runs["openvino_default"], reference) >= 0.999
