@@ -81,6 +81,12 @@ def _graph_and_weights(model: ir.Model) -> tuple[onnx.ModelProto, dict]:
 
     shell = model.clone()  # new values, the same tensors: swapping a const_value here leaves `model` alone
     weights = {}
+    for graph in shell.graphs():
+        if graph is shell.graph:
+            continue
+        for name, value in graph.initializers.items():  # subgraphs' weights: inline
+            if isinstance(value.const_value, ir.ExternalTensor):
+                value.const_value = ir.Tensor(value.const_value.numpy().copy(), dtype=value.const_value.dtype, name=name)
     for name, value in shell.graph.initializers.items():
         tensor = value.const_value
         if tensor is None:
