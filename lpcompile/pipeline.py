@@ -204,9 +204,6 @@ class SelectWithLatency(ir.passes.InPlacePass):
     chosen layers' latency where the target can be timed here."""
 
     select: Select
-    target: object
-    tokens: int = 1
-    progress: Progress | None = None
 
     def call(self, model):
         costs = model.meta.get(LATENCY_KEY)
@@ -413,7 +410,7 @@ def build_pipeline(*, recipe=None, goal: Goal | None = None, plan: Plan | None =
                         rotation=rotate, progress=progress, cache=True)
         if goal.needs_latency:
             passes.append(_named(MeasureLatency(select, target, tokens, progress), "latency"))
-        passes.append(_named(SelectWithLatency(select, target, tokens, progress), "select"))
+        passes.append(_named(SelectWithLatency(select), "select"))
         if goal.holdout_every:
             passes.append(_named(MeetMinCosine(select, check, batch_size, progress=progress), "quantize"))
     else:
