@@ -47,9 +47,9 @@ def _dequantize_numpy(w: ConstantDequantize) -> np.ndarray:
     return ((q - z) * s).astype(np.float32)
 
 
-class DequantizeLinear(ox.DequantizeLinear):
-    """Weights: remember the quantized constant (fallback: the dequantized constant).
-    Activations after our QuantizeLinear: remember the quantized form (fallback: DQ in Relax)."""
+class _LowerEveryOpset:
+    """Opsets 21 and 23 of a Q/DQ converter both go through the subclass's `_lower`, which gets
+    TVM's stock converter of that opset to fall back on."""
 
     @classmethod
     def _impl_v21(cls, bb, inputs, attr, params):
@@ -58,6 +58,11 @@ class DequantizeLinear(ox.DequantizeLinear):
     @classmethod
     def _impl_v23(cls, bb, inputs, attr, params):
         return cls._lower(bb, inputs, attr, params, super()._impl_v23)
+
+
+class DequantizeLinear(_LowerEveryOpset, ox.DequantizeLinear):
+    """Weights: remember the quantized constant (fallback: the dequantized constant).
+    Activations after our QuantizeLinear: remember the quantized form (fallback: DQ in Relax)."""
 
     @classmethod
     def _lower(cls, bb, inputs, attr, params, stock):
@@ -89,16 +94,8 @@ class DequantizeLinear(ox.DequantizeLinear):
         return _generic_qdq(ctx, "dequantize", inputs, attr, _code_dtype(ctx, x))
 
 
-class QuantizeLinear(ox.QuantizeLinear):
+class QuantizeLinear(_LowerEveryOpset, ox.QuantizeLinear):
     """A scalar-scale QuantizeLinear of a float activation -> our quantize kernel."""
-
-    @classmethod
-    def _impl_v21(cls, bb, inputs, attr, params):
-        return cls._lower(bb, inputs, attr, params, super()._impl_v21)
-
-    @classmethod
-    def _impl_v23(cls, bb, inputs, attr, params):
-        return cls._lower(bb, inputs, attr, params, super()._impl_v23)
 
     @classmethod
     def _lower(cls, bb, inputs, attr, params, stock):
