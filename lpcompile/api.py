@@ -32,7 +32,7 @@ from lpcompile.output import write_output
 from lpcompile.passes.calibrate import CALIBRATION_KEY
 from lpcompile.passes.rotate import REPORT_KEY as ROTATE_KEY
 from lpcompile.passes.select import Select
-from lpcompile.pipeline import REFERENCE_KEY, Pipeline, build_pipeline, split_for_verification
+from lpcompile.pipeline import REFERENCE_KEY, Pipeline, build_pipeline, hold_out_for_report, split_for_verification
 from lpcompile.plan import PLAN_KEY, Plan
 from lpcompile.progress import Progress
 from lpcompile.recipes import Recipe, get_recipe
@@ -232,14 +232,19 @@ def compile(
         data = as_calibration_data(calibration, float_model) if calibration is not None else None
     if data is None and (recipe.needs_calibration if recipe else goal is not None):
         raise LpcompileError(f"format {format!r} needs calibration data (--calibration FILE.npz|DIR|random:N)")
-    fit, check = data, None
+    fit, check, measured_on = data, None, None
     if goal is not None and goal.holdout_every and data is not None:
         # A cosine goal is verified on calibration batches that neither the statistics nor GPTQ
         # saw: on the batches they were fitted to the cosine is optimistic (MiniLM: 0.995 there,
         # 0.993 on held-out sentences).
         fit, check = split_for_verification(data, batch_size, goal.holdout_every)
+        held = sum(len(next(iter(b.values()))) for b in check.batches(batch_size))
+        measured_on = {"held_out": True, "samples": held, "text": f"the {held} calibration samples held out to verify"}
+    elif data is not None:  # the report's error is measured on samples the fitting did not see
+        fit, check, measured_on = hold_out_for_report(data, batch_size)
+    verify = check if goal is not None and goal.holdout_every else None
     pipeline = build_pipeline(recipe=recipe, goal=goal, plan=user_plan, target=tgt, rotate=rotate, data=fit,
-                              rotate_data=data, check=check, exclude=tuple(exclude), batch_size=batch_size,
+                              rotate_data=fit, check=verify, exclude=tuple(exclude), batch_size=batch_size,
                               progress=progress)
     if edit_pipeline is not None:
         edit_pipeline(pipeline)
@@ -257,9 +262,11 @@ def compile(
         "source": cal.source, "samples": cal.num_samples, "is_random": cal.is_random, "seconds": round(cal.seconds, 3)
     }
     with stage("measure"):
-        batches = data.batches(batch_size) if data is not None else []
+        measured = check if check is not None else fit
+        batches = measured.batches(batch_size) if measured is not None else []
         report = build_report(reference, qdq, batches, format=format, target=tgt.spec, calibration=cal_info,
-                              stages=stages, excluded=list(exclude))
+                              stages=stages, excluded=list(exclude), original=float_model)
+        report["measured_on"] = measured_on
     chosen.annotate_rotations(qdq.meta.get(ROTATE_KEY), rotate)
     if recipe is not None:
         report["recipe"] = {"weights": str(recipe.weights), "activations": str(recipe.activations) if recipe.activations else None,

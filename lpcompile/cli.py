@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lpcompile: interrupted", file=sys.stderr)
         return 130
+    for warning in result.report.get("warnings", []):  # said even with --quiet
+        print(f"lpcompile: warning: {warning}", file=sys.stderr)
     if not args.quiet:
         print(_summary(out, result.report), file=sys.stdout)
     return 0
@@ -183,7 +185,10 @@ def _summary(out: Path, report: dict) -> str:
     ratio = t["weight_bytes"] / t["weight_bytes_fp32"] if t["weight_bytes_fp32"] else float("nan")
     cos = t["output_cosine"]
     sq = t["output_sqnr_db"]
+    from lpcompile.report.render import model_ratio
+
     measured = (f"output cosine {cos:.5f}, SQNR {sq:.1f} dB" if cos is not None and sq is not None
+                else "output error not meaningful (see the warnings)" if report.get("warnings")
                 else "error not measured (no calibration data)")
     smoke = " [smoke run on random inputs]" if (report.get("calibration") or {}).get("is_random") else ""
     sel = report.get("select")
@@ -194,8 +199,12 @@ def _summary(out: Path, report: dict) -> str:
                else f", plan reused ({sel['budget'].get('kind', 'no goal')})")
             + (f", rotation {sel['rotation_chosen']} (better of auto/off)" if sel.get("rotation_chosen") else "")
             if sel else "")
+    whole = model_ratio(t)
+    whole = f", whole model {whole:.3f}x" if whole is not None else ""
+    held = (report.get("measured_on") or {}).get("held_out")
+    measured += " on held-out calibration samples" if held and cos is not None else ""
     return (f"{out}: {report['format']} for {report['target']}: {t['layers_quantized']} layers, weights "
-            f"{t['weight_bytes'] / 1e6:.2f} MB ({ratio:.3f}x fp32), {measured}{auto}{smoke}")
+            f"{t['weight_bytes'] / 1e6:.2f} MB ({ratio:.3f}x fp32{whole}), {measured}{auto}{smoke}")
 
 
 if __name__ == "__main__":

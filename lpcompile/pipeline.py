@@ -305,6 +305,30 @@ def split_for_verification(data: CalibrationData, batch_size: int, every: int = 
             CalibrationData(data.specs, label, data.is_random, _batches=check))
 
 
+REPORT_HOLDOUT_EVERY = 4  # the report's error is measured on every 4th calibration batch, held out
+
+
+def hold_out_for_report(data: CalibrationData, batch_size: int):
+    """(fit, held, measured_on): the calibration data split so the report's error is measured on
+    samples that neither calibration statistics nor GPTQ / scale search saw (every
+    REPORT_HOLDOUT_EVERY-th batch; a LayerNorm MLP measured 0.9993 cosine on its fitted samples and
+    0.9945 on unseen ones). With fewer batches than that nothing is held out: `held` is None and
+    the report says it measured the fitted samples."""
+    batches = list(data.batches(batch_size))
+    n = lambda bs: sum(len(next(iter(b.values()))) for b in bs)  # noqa: E731
+    if len(batches) < REPORT_HOLDOUT_EVERY:
+        return data, None, {"held_out": False, "samples": n(batches),
+                            "text": f"the {n(batches)} fitted calibration samples (nothing held out: fewer than "
+                                    f"{REPORT_HOLDOUT_EVERY} batches of {batch_size})"}
+    held = batches[REPORT_HOLDOUT_EVERY - 1 :: REPORT_HOLDOUT_EVERY]
+    fit = [b for b in batches if not any(b is h for h in held)]
+    label = f"{data.label}; {n(fit)} samples fitted, {n(held)} held out to measure the report"
+    return (CalibrationData(data.specs, label, data.is_random, _batches=fit),
+            CalibrationData(data.specs, label, data.is_random, _batches=held),
+            {"held_out": True, "samples": n(held), "fitted": n(fit),
+             "text": f"{n(held)} held-out calibration samples ({n(fit)} fitted)"})
+
+
 # --- latency: the backend's measurements as data for select -------------------------------------
 
 

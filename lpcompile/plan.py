@@ -105,6 +105,10 @@ class LayerChoice:
 
     def __post_init__(self):
         check_method(self.method)
+        if self.sparsity is not None:  # "2:4", "0.5", "4:8:wanda" (lpcompile.passes.sparsify.SparsityPattern)
+            from lpcompile.passes.sparsify import check_sparsity
+
+            self.sparsity = check_sparsity(self.sparsity)
 
     def to_json(self) -> dict:
         return {"name": self.name, "weights": spec_text(self.weights), "activations": spec_text(self.activations),
@@ -141,10 +145,11 @@ class Plan:
     @classmethod
     def uniform(cls, layers: Sequence, weights: QuantSpec | str | None, activations: QuantSpec | str | None = None,
                 embeddings: QuantSpec | str | None = None, method: str = "gptq", exclude: Iterable[str] = (),
-                name: str = "uniform") -> "Plan":
+                name: str = "uniform", sparsity: str | None = None) -> "Plan":
         """One spec for every dense linear layer (`weights` x `activations`) and one for every
         embedding table (`embeddings`, weights only: its input is token ids); layers matched by
-        `exclude` stay in float. This is what a named recipe means."""
+        `exclude` stay in float. This is what a named recipe means. `sparsity`: a pattern for
+        every dense MatMul/Gemm layer that is not excluded (`lpcompile.passes.sparsify`)."""
         weights, activations, embeddings = parse_spec(weights), parse_spec(activations), parse_spec(embeddings)
         check_method(method)
         excluded = excluded_layers(exclude, layers)
@@ -157,8 +162,10 @@ class Plan:
                 w, a, m, why = embeddings, None, "mse", f"{name} (embedding table: no input to compensate over)"
             else:
                 w, a, m, why = weights, activations if layer.activation is not None else None, method, name
+            sparse = sparsity if sparsity and layer.kind in ("matmul", "gemm") and layer.name not in excluded else None
             choices.append(LayerChoice(layer.name, w, a, m if w is not None else "mse", reason=why, shape=(k, n),
-                                       bits=weight_bits(w, k, n)))
+                                       bits=weight_bits(w, k, n) if sparse is None else _sparse_bits(w, k, n, sparse),
+                                       sparsity=sparse))
         plan = cls(choices, {"kind": "recipe", "value": name})
         plan.totals = plan.bit_totals()
         return plan
@@ -293,6 +300,12 @@ class Plan:
         except json.JSONDecodeError as e:
             raise LpcompileError(f"plan file {path} is not JSON: {e}") from None
         return cls.from_json(data)
+
+
+def _sparse_bits(spec: QuantSpec | None, k: int, n: int, sparsity: str) -> int:
+    from lpcompile.passes.sparsify import sparse_weight_bits
+
+    return sparse_weight_bits(spec, k, n, sparsity)
 
 
 def _plain(o):

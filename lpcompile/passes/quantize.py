@@ -128,14 +128,16 @@ class UniformPlan(ir.passes.InPlacePass):
     method: str = "gptq"
     exclude: tuple[str, ...] = ()
     name: str = "uniform"
+    sparsity: str | None = None  # a pattern for every dense layer (applied by passes.sparsify.Sparsify)
 
     @classmethod
-    def from_recipe(cls, recipe, exclude: Sequence[str] = ()) -> "UniformPlan":
-        return cls(recipe.weights, recipe.activations, recipe.embeddings, recipe.method, tuple(exclude), recipe.name)
+    def from_recipe(cls, recipe, exclude: Sequence[str] = (), sparsity: str | None = None) -> "UniformPlan":
+        return cls(recipe.weights, recipe.activations, recipe.embeddings, recipe.method, tuple(exclude), recipe.name,
+                   sparsity)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         model.meta[PLAN_KEY] = Plan.uniform(find_linear_layers(model.graph), self.weights, self.activations,
-                                            self.embeddings, self.method, self.exclude, self.name)
+                                            self.embeddings, self.method, self.exclude, self.name, self.sparsity)
         return ir.passes.PassResult(model, modified=False)
 
 

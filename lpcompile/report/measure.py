@@ -15,6 +15,7 @@ from lpcompile.ir.run import OrtRunner
 from lpcompile.metrics import cosine, signal_noise_db
 from lpcompile.ir.patterns import LAYER_NAME_KEY
 from lpcompile.passes.quantize import ACTIVATION_FORMAT_KEY, METHOD_KEY, METHOD_NOTE_KEY, WEIGHT_FORMAT_KEY
+from lpcompile.passes.sparsify import DENSITY_KEY, SPARSITY_KEY, sparse_weight_bytes
 
 
 @dataclass
@@ -39,7 +40,8 @@ class _Error:
 
 
 def quantized_layers(model: ir.Model) -> list[ir.Node]:
-    return [n for n in model.graph if WEIGHT_FORMAT_KEY in n.metadata_props or ACTIVATION_FORMAT_KEY in n.metadata_props]
+    return [n for n in model.graph if WEIGHT_FORMAT_KEY in n.metadata_props or ACTIVATION_FORMAT_KEY in n.metadata_props
+            or SPARSITY_KEY in n.metadata_props]
 
 
 def measure_error(
@@ -69,6 +71,8 @@ def measure_error(
 
 def weight_bytes(qdq_model: ir.Model, node: ir.Node) -> tuple[int, int]:
     """(bytes of the float32 weight, bytes of its quantized form incl. scales and zero points)."""
+    if SPARSITY_KEY in node.metadata_props:  # compressed: values, indices or mask, scales
+        return sparse_weight_bytes(node)
     for value in node.inputs:
         producer = value.producer() if value is not None else None
         if producer is not None and producer.op_type == "DequantizeLinear":
@@ -117,6 +121,8 @@ def build_report(
                 "weight_bytes_fp32": fp32,
                 "weight_bytes": packed,
                 "sqnr_db": _num(per_layer[node.outputs[0].name].sqnr_db),
+                "sparsity": node.metadata_props.get(SPARSITY_KEY),  # the pattern that ran (None: dense)
+                "density": float(node.metadata_props.get(DENSITY_KEY, 1.0)),
             }
         )
     outputs = {}

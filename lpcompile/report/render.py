@@ -33,7 +33,9 @@ def to_markdown(report: dict) -> str:
     ]
     for l in report["layers"]:
         lines.append(
-            f"| {l['name']} | {l['op']} | {l['weight_format']} | {l['activation_format']} | "
+            f"| {l['name']} | {l['op']} | {l['weight_format']}"
+            + (f", sparse {l['sparsity']} (density {l['density']:.3f})" if l.get("sparsity") else "")
+            + f" | {l['activation_format']} | "
             f"{l['weight_bytes_fp32']:,} → {l['weight_bytes']:,} | {format_db(l['sqnr_db'])} |"
         )
     lines += _rotation_section(report.get("rotate"))
