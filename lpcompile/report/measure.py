@@ -24,6 +24,9 @@ class _Error:
     signal: float = 0.0
     noise: float = 0.0
     cosines: list[float] = field(default_factory=list)
+    # What makes an output's error meaningless or uninformative: its range over every element
+    # measured, and whether it changes from one sample to the next (float, quantized)
+    spread: dict[str, _Spread] = field(default_factory=lambda: {"float": _Spread(), "quantized": _Spread()})
 
     def add(self, ref: np.ndarray, got: np.ndarray, per_sample_cosine: bool = False) -> None:
         ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
@@ -32,11 +35,52 @@ class _Error:
         self.noise += float(((ref64 - got64) ** 2).sum())
         if per_sample_cosine:
             self.cosines.extend(cosine(ref64, got64).tolist())
+            self.spread["float"].add(ref64)
+            self.spread["quantized"].add(got64)
+
+    def degenerate(self) -> dict[str, str]:
+        """{"float" | "quantized": what is wrong} for an output that is zero or constant (its error
+        measures nothing) or the same for every input (it measures nothing about the input)."""
+        return {side: why for side, s in self.spread.items() if (why := s.degenerate())}
 
     @property
     def sqnr_db(self) -> float:
         """lpcompile.metrics' convention: capped at ±EXACT_DB, NaN when nothing was measured."""
         return signal_noise_db(self.signal, self.noise) if self.count else float("nan")
+
+
+@dataclass
+class _Spread:
+    lo: float = np.inf
+    hi: float = -np.inf
+    first: np.ndarray | None = None  # the first sample, to tell an input-independent output
+    varies: bool = False  # some sample differs from the first
+    samples: int = 0
+
+    def add(self, x: np.ndarray) -> None:
+        if not x.size:
+            return
+        finite = x[np.isfinite(x)]
+        if finite.size:
+            self.lo, self.hi = min(self.lo, float(finite.min())), max(self.hi, float(finite.max()))
+        rows = x.reshape(x.shape[0], -1) if x.ndim > 1 else x.reshape(1, -1)
+        if self.first is None:
+            self.first = rows[0].copy()
+        scale = max(float(np.abs(self.first).max(initial=0.0)), 1e-30)
+        if rows.shape[1] == self.first.size and not self.varies:
+            self.varies = bool((np.abs(rows - self.first) > 1e-6 * scale).any())
+        self.samples += rows.shape[0]
+
+    def degenerate(self) -> str | None:
+        if self.first is None:
+            return None
+        if self.hi == self.lo == 0.0:
+            return "is zero everywhere"
+        if self.hi == self.lo:
+            return f"is the constant {self.hi:g} everywhere"
+        if self.samples > 1 and not self.varies:
+            return f"is the same for every one of the {self.samples} samples measured"
+        return None
 
 
 def quantized_layers(model: ir.Model) -> list[ir.Node]:
@@ -103,7 +147,11 @@ def build_report(
     calibration: dict | None,
     stages: dict[str, float],
     excluded: list[str],
+    original: ir.Model | None = None,
 ) -> dict:
+    """The report of `qdq_model` against `float_model` (its float reference: rotated where the
+    QDQ model is) measured on `batches`; `original`: the user's model the whole-model bytes are
+    counted on (default `float_model`)."""
     per_layer, per_output = measure_error(float_model, qdq_model, batches)
     layers = []
     for node in quantized_layers(qdq_model):
@@ -125,21 +173,37 @@ def build_report(
                 "density": float(node.metadata_props.get(DENSITY_KEY, 1.0)),
             }
         )
-    outputs = {}
+    outputs, warnings = {}, []
     for name, err in per_output.items():
         cos = np.array(err.cosines)
-        outputs[name] = {"sqnr_db": _num(err.sqnr_db),
-                         "cosine_mean": float(cos.mean()) if len(cos) else None,
-                         "cosine_min": float(cos.min()) if len(cos) else None}
+        entry = {"sqnr_db": _num(err.sqnr_db),
+                 "cosine_mean": float(cos.mean()) if len(cos) else None,
+                 "cosine_min": float(cos.min()) if len(cos) else None}
+        for side, why in err.degenerate().items():
+            warnings.append(f"output {name!r} of the {side} model {why}: its error against float "
+                            + ("measures nothing (cosine and SQNR not reported)" if "everywhere" in why
+                               else "says nothing about how inputs are treated"))
+            if "everywhere" in why:  # a zero or constant output: never "cosine 1.00000"
+                entry.update(sqnr_db=None, cosine_mean=None, cosine_min=None)
+            entry.setdefault("degenerate", {})[side] = why
+        outputs[name] = entry
     first = next(iter(outputs.values()), {"sqnr_db": None, "cosine_mean": None})
     all_fp32 = sum(_packed_bytes(v.const_value) * 32 // max(v.const_value.dtype.bitwidth, 1)
-                   for v in float_model.graph.initializers.values() if v.const_value is not None
+                   for v in (original or float_model).graph.initializers.values() if v.const_value is not None
                    and v.const_value.dtype.is_floating_point())
+    stored = sum(_packed_bytes(v.const_value) for v in qdq_model.graph.initializers.values() if v.const_value is not None)
+    layer_fp32 = sum(l["weight_bytes_fp32"] for l in layers)
+    layer_bytes = sum(l["weight_bytes"] for l in layers)
     totals = {
         "layers_quantized": len(layers),
-        "weight_bytes_fp32": sum(l["weight_bytes_fp32"] for l in layers),
-        "weight_bytes": sum(l["weight_bytes"] for l in layers),
+        "weight_bytes_fp32": layer_fp32,
+        "weight_bytes": layer_bytes,
+        # Every float initializer of the user's model in fp32 (the quantized layers' weights and
+        # everything else: norms, biases, float layers), and every initializer the QDQ model stores
+        # (low-bit weights with their scales, what stayed float, rotation constants): the ratio a
+        # user sees on disk, beside the ratio over the quantized layers alone
         "model_float_bytes": all_fp32,
+        "model_bytes": stored,
         "output_sqnr_db": first["sqnr_db"],
         "output_cosine": first["cosine_mean"],
         "output_cosine_min": first.get("cosine_min"),
@@ -152,6 +216,7 @@ def build_report(
         "layers": layers,
         "totals": totals,
         "outputs": outputs,
+        "warnings": warnings,
         "stages_seconds": {k: round(v, 3) for k, v in stages.items()},
     }
 

@@ -18,13 +18,16 @@ def to_markdown(report: dict) -> str:
     if cal.get("is_random"):
         lines += ["> **Smoke run**: calibrated and measured on random inputs, not real data. "
                   "The errors below say nothing about accuracy on real inputs.", ""]
+    lines += [f"> **Warning**: {w}" for w in report.get("warnings", [])] + ([""] if report.get("warnings") else [])
     ratio = t["weight_bytes"] / t["weight_bytes_fp32"] if t["weight_bytes_fp32"] else float("nan")
+    measured = report.get("measured_on") or {}
     lines += [
         f"- calibration: {cal.get('source', 'none')} ({cal.get('samples', 0)} samples)",
         f"- layers quantized: {t['layers_quantized']}; excluded: {', '.join(report['excluded']) or 'none'}",
-        f"- weights: {_mb(t['weight_bytes'])} vs {_mb(t['weight_bytes_fp32'])} in fp32 ({ratio:.3f}×)",
+        f"- weights of the quantized layers: {_mb(t['weight_bytes'])} vs {_mb(t['weight_bytes_fp32'])} in fp32 "
+        f"({ratio:.3f}×); {_model_ratio_text(t)}",
         f"- output vs float: SQNR {format_db(t['output_sqnr_db'])} dB, cosine {_fmt(t['output_cosine'], 5)}"
-        f" (min {_fmt(t['output_cosine_min'], 5)})",
+        f" (min {_fmt(t['output_cosine_min'], 5)})" + (f", measured on {measured['text']}" if measured else ""),
         _rotation_line(report.get("rotate")),
         "- stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["stages_seconds"].items()),
         "",
@@ -42,6 +45,17 @@ def to_markdown(report: dict) -> str:
     if report.get("select"):
         lines += select_markdown(report["select"])
     return "\n".join(lines) + "\n"
+
+
+def model_ratio(totals: dict) -> float | None:
+    """Bytes of every weight of the quantized model over the float model's in fp32."""
+    whole, fp32 = totals.get("model_bytes"), totals.get("model_float_bytes")
+    return whole / fp32 if whole is not None and fp32 else None
+
+
+def _model_ratio_text(totals: dict) -> str:
+    r = model_ratio(totals)
+    return "whole model: n/a" if r is None else f"whole model {_mb(totals['model_bytes'])} ({r:.3f}× fp32)"
 
 
 def _rotation_section(rot: dict | None) -> list[str]:

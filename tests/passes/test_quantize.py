@@ -79,7 +79,9 @@ def test_dequantized_weights_lie_on_the_format_grid(fmt):
         codes = dq / full
         # dq / scale is a code up to one rounding of the product q * s
         np.testing.assert_allclose(spec.format.quantize(codes), codes, rtol=1e-6, atol=1e-6)
-        floor = {"int4": 15.0, "int8": 38.0, "fp8": 26.0, "fp8-e5m2": 20.0}[fmt]  # GPTQ trades weight error for output error
+        # GPTQ trades weight error for output error, more so fitted on the 24 samples not held out
+        # for the report (int4 w1: 14.8 dB; it passed a 15 dB floor fitted on all 32)
+        floor = {"int4": 14.0, "int8": 38.0, "fp8": 26.0, "fp8-e5m2": 20.0}[fmt]
         assert sqnr_db(w, dq) >= floor, name
 
 
