@@ -32,6 +32,8 @@ from lpcompile.output import write_output
 from lpcompile.passes.calibrate import CALIBRATION_KEY
 from lpcompile.passes.rotate import REPORT_KEY as ROTATE_KEY
 from lpcompile.passes.select import Select
+from lpcompile.passes.awq import REPORT_KEY as AWQ_KEY
+from lpcompile.passes.smooth import REPORT_KEY as SMOOTH_KEY
 from lpcompile.pipeline import REFERENCE_KEY, Pipeline, build_pipeline, hold_out_for_report, split_for_verification
 from lpcompile.plan import PLAN_KEY, Plan
 from lpcompile.progress import Progress
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 AUTO = "auto"  # --format auto: a per-layer plan from the select pass (under a goal) or a user's plan
 EMITS = ("onnx", "tvm")
 ROTATE_MODES = ("auto", "online", "fold", "off")
+AWQ_MODES = ("off", "scale", "clip", "auto")
 # Models with at least this many bytes of weights compile with a TensorStore (lpcompile.ir.store):
 # the weights passes create (rotated, quantized) go to a scratch file instead of staying in memory,
 # so that memory is bounded by the largest layer, not by the model.
@@ -160,6 +163,8 @@ def compile(
     goal: Goal | None = None,
     plan: Plan | str | os.PathLike | None = None,
     edit_pipeline: Callable[[Pipeline], Any] | None = None,
+    smooth: str | float | None = None,
+    awq: str = "off",
 ) -> CompiledModel:
     """Quantize `model` (path, ModelProto, IR model or torch module) for `target` (a spec:
     `lpcompile.targets`) with the recipe `format`, or with `format="auto"` a per-layer plan.
@@ -174,6 +179,10 @@ def compile(
     select pass measure each layer's sensitivity on the calibration data and solve for the goal;
     `plan` (a Plan or a plan.json path) pins layers, or, without a goal, is applied as it stands.
     `edit_pipeline(pipeline)` sees the passes before they run and may insert its own.
+    `smooth`: SmoothQuant scale migration for recipes that quantize activations, "auto" (α
+    searched per site), "off", or a fixed α in [0, 1] (None: `Recipe.default_smooth`).
+    `awq`: activation-aware weight scaling ("scale"), GPTQ with output-error clipping per group
+    ("clip"), both ("auto") or "off" (`lpcompile.passes.awq`).
     Every argument is checked before any work; bad ones raise `LpcompileError` (one line)."""
     auto = format == AUTO
     if not auto and (goal is not None or plan is not None):
@@ -191,6 +200,10 @@ def compile(
     if rotate is not None and rotate not in ROTATE_MODES:
         raise LpcompileError(f"unknown rotate mode {rotate!r}; choose one of: {', '.join(ROTATE_MODES)}")
     recipe = None if auto else get_recipe(format)
+    smooth = check_smooth(smooth, recipe)
+    if awq not in AWQ_MODES or awq != "off" and recipe is None:
+        raise LpcompileError(f"awq must be one of {', '.join(AWQ_MODES)} with a named recipe, got {awq!r}"
+                             + (" with format auto" if recipe is None else ""))
     if recipe is not None:  # a format the target cannot run is refused, whatever is emitted
         tgt.check_formats(recipe.format_names(), recipe.name)
     user_plan = Plan.load(plan) if isinstance(plan, (str, os.PathLike)) else plan
@@ -245,7 +258,7 @@ def compile(
     verify = check if goal is not None and goal.holdout_every else None
     pipeline = build_pipeline(recipe=recipe, goal=goal, plan=user_plan, target=tgt, rotate=rotate, data=fit,
                               rotate_data=fit, check=verify, exclude=tuple(exclude), batch_size=batch_size,
-                              progress=progress)
+                              progress=progress, smooth=smooth, awq=awq)
     if edit_pipeline is not None:
         edit_pipeline(pipeline)
     qdq = float_model.clone()  # new nodes and values, the same tensors: the float model stays the reference
@@ -277,9 +290,37 @@ def compile(
     report["pipeline"] = pipeline.names()
     report["stages_seconds"] = {k: round(v, 3) for k, v in stages.items()}
     report["rotate"] = {"mode": rotate, **_rotation_summary(qdq.meta.get(ROTATE_KEY))}
+    report["smooth"] = {"mode": smooth, **_plain_json(qdq.meta.get(SMOOTH_KEY) or {})}
+    report["awq"] = {"mode": awq, **_plain_json(qdq.meta.get(AWQ_KEY) or {})}
     for key in (REFERENCE_KEY,):  # the reference copy is not part of the result
         qdq.meta.pop(key, None)
     return CompiledModel(qdq, report, recipe, tgt.spec, tuple(emit), plan=chosen, pipeline=pipeline)
+
+
+def check_smooth(smooth: str | float | None, recipe: Recipe | None) -> str | float:
+    """The smooth setting to run ("auto", "off" or α), or a one-line refusal."""
+    if smooth is None:
+        return recipe.default_smooth if recipe is not None else "off"
+    if smooth not in ("auto", "off"):
+        try:
+            smooth = float(smooth)
+        except (TypeError, ValueError):
+            raise LpcompileError(f"smooth must be auto, off or an alpha in [0, 1], got {smooth!r}") from None
+        if not 0.0 <= smooth <= 1.0:
+            raise LpcompileError(f"smooth alpha must lie in [0, 1], got {smooth}")
+    if smooth != "off" and (recipe is None or recipe.activations is None):
+        what = "format auto" if recipe is None else f"format {recipe.name} (float activations)"
+        raise LpcompileError(f"--smooth migrates activation outliers into weights: {what} quantizes no activations")
+    return smooth
+
+
+def _plain_json(obj):
+    """numpy values in a pass's report as plain JSON values."""
+    if isinstance(obj, dict):
+        return {str(k): _plain_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain_json(v) for v in obj]
+    return obj.item() if hasattr(obj, "item") else obj
 
 
 def _plan_formats(plan: Plan) -> set[str]:

@@ -60,6 +60,18 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _smooth_arg(text: str) -> str | float:
+    if text in ("auto", "off"):
+        return text
+    try:
+        alpha = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, off or an alpha in [0, 1], got {text!r}") from None
+    if not 0.0 <= alpha <= 1.0:
+        raise argparse.ArgumentTypeError(f"alpha must lie in [0, 1], got {text!r}")
+    return alpha
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lpcompile.api import EMITS
     from lpcompile.recipes import RECIPES
@@ -103,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotate", choices=["auto", "online", "fold", "off"], default=None,
                    help="Hadamard rotations against activation outliers (default: auto for recipes with "
                         "<= 8-bit activations or 4-bit weights, else off)")
+    p.add_argument("--smooth", type=_smooth_arg, default=None, metavar="auto|off|ALPHA",
+                   help="SmoothQuant: migrate activation outliers into the weights, alpha searched per site (auto) "
+                        "or fixed (0..1); recipes that quantize activations only")
+    p.add_argument("--awq", choices=["off", "scale", "clip", "auto"], default="off",
+                   help="activation-aware weight quantization with GPTQ: per-channel scaling searched on the "
+                        "calibration data (scale), each group's clipping by its output error (clip), or both (auto)")
     p.add_argument("--emit", default="onnx", help=f"comma-separated outputs ({', '.join(EMITS)})")
     p.add_argument("--qdq-functions", action="store_true",
                    help="keep lpcompile's functions (ai.lpcompile Hadamard, PerTokenQDQ_*) in model.qdq.onnx, the form "
@@ -143,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             rotate=args.rotate,
             goal=goals.from_flags(vars(args), args.latency_tokens),
             plan=args.plan,
+            smooth=args.smooth,
+            awq=args.awq,
         )
         result.save(out, portable=not args.qdq_functions)
     except LpcompileError as e:

@@ -38,6 +38,8 @@ from lpcompile.passes.calibrate import Calibrate
 from lpcompile.passes.cleanup import Cleanup
 from lpcompile.passes.quantize import Quantize, UniformPlan
 from lpcompile.passes.rotate import Rotate
+from lpcompile.passes.awq import AwqScale
+from lpcompile.passes.smooth import Smooth
 from lpcompile.passes.select import LatencyCosts, Select, option_key, spec_text
 from lpcompile.plan import PLAN_KEY, Plan
 from lpcompile.progress import Progress
@@ -413,18 +415,28 @@ def _step(progress: Progress | None, name: str):
 def build_pipeline(*, recipe=None, goal: Goal | None = None, plan: Plan | None = None, target=None,
                    rotate: str = "off", data: CalibrationData | None = None, rotate_data: CalibrationData | None = None,
                    check: CalibrationData | None = None,
-                   exclude: Sequence[str] = (), batch_size: int = 8, progress: Progress | None = None) -> Pipeline:
+                   exclude: Sequence[str] = (), batch_size: int = 8, progress: Progress | None = None,
+                   smooth: str | float = "off", awq: str = "off") -> Pipeline:
     """The passes `compile` runs: [rotate] -> keep reference -> [calibrate] -> plan (a recipe's
     uniform plan, select under `goal`, or the user's `plan`) -> quantize -> cleanup.
     `data`: the calibration batches statistics and GPTQ fit on; `rotate_data`: what the rotate
     pass measures outliers on (default `data`); `check`: batches held out to verify a goal with
     `holdout_every` (MinCosine). `target`: a parsed `lpcompile.targets.Target`."""
     passes = []
+    if smooth != "off" and data is not None and recipe is not None and recipe.activations is not None:
+        # before rotation: once rotated, a norm's output reaches its linears through an online
+        # Hadamard (MiniLM), which has no per-channel scale to fold 1/s into
+        passes.append(_named(Smooth(data, recipe.activations, recipe.weights,
+                                    None if smooth == "auto" else float(smooth), batch_size=batch_size), "smooth"))
+    if awq in ("scale", "auto") and data is not None and recipe is not None:
+        passes.append(_named(AwqScale(data, recipe.activations, recipe.weights, batch_size=batch_size), "awq"))
+    if awq in ("clip", "auto") and recipe is not None and recipe.method == "gptq":
+        recipe = dataclasses.replace(recipe, method="gptq-clip")  # GPTQ with output-error clipping per group
     if rotate != "off":  # before calibration: the statistics must be of rotated activations
         passes.append(_named(Rotate(mode=rotate, data=rotate_data or data, batch_size=batch_size), "rotate"))
     passes.append(_named(KeepReference(), "keep-reference"))
     if data is not None:
-        gram_for = None if recipe is None or recipe.method == "gptq" else frozenset()
+        gram_for = None if recipe is None or recipe.method in ("gptq", "gptq-clip") else frozenset()
         passes.append(_named(Calibrate(data, batch_size, gram_for, _step(progress, "calibrate")), "calibrate"))
     tokens = goal.tokens if goal is not None else 1
     if recipe is not None:

@@ -29,7 +29,7 @@ from lpcompile.formats import QuantSpec
 
 PLAN_KEY = "lpcompile.plan"  # model.meta key of the plan a pass wrote (or the quantize pass applies)
 FLOAT = "float"  # the printed form of "keep in float" in plans
-METHODS = ("rtn", "mse", "gptq")  # weight methods (lpcompile.passes.weight_quant)
+METHODS = ("rtn", "mse", "gptq", "gptq-clip")  # weight methods (lpcompile.passes.weight_quant)
 PLAN_VERSION = 1
 FIRST, LAST = ":first", ":last"  # exclusion patterns naming the first / last dense linear layer
 

@@ -27,6 +27,11 @@ class Recipe:
         low_acts = int_acts and self.activations.format.bits <= 8
         return "auto" if low_acts or self.weights.format.bits <= 4 else "off"
 
+    @property
+    def default_smooth(self) -> str:
+        """SmoothQuant (`lpcompile.passes.smooth`) is off by default (see README: measured per recipe)."""
+        return "off"
+
     def format_names(self) -> set[str]:
         """The number formats this recipe uses (`lpcompile.formats` names), for target checks."""
         return {s.format.name for s in (self.weights, self.activations, self.embeddings) if s is not None}

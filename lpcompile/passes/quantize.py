@@ -153,13 +153,13 @@ def effective_method(method: str, spec: QuantSpec, has_gram: bool) -> tuple[str,
     the layer's XᵀX and spreads the error along the input axis, so a granularity whose groups cut
     across the input axis (channel(0), block(1, ...)) takes MSE-clipped rounding instead."""
     check_method(method)
-    if method != "gptq":
+    if method not in ("gptq", "gptq-clip"):  # gptq-clip: GPTQ with output-error clipping (passes/awq.py)
         return method, ""
     if not has_gram:
-        return "mse", "gptq asked; no calibration statistics (XᵀX) for this layer, so mse"
+        return "mse", f"{method} asked; no calibration statistics (XᵀX) for this layer, so mse"
     if not gptq_applies(spec):
-        return "mse", f"gptq asked; it cannot use granularity {spec.granularity}, so mse"
-    return "gptq", ""
+        return "mse", f"{method} asked; it cannot use granularity {spec.granularity}, so mse"
+    return method, ""
 
 
 def insert_activation_qdq(model: ir.Model, layer: LinearLayer, spec: QuantSpec, calibration: Calibration | None) -> ir.Value:

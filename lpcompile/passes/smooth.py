@@ -81,6 +81,18 @@ class Smooth(ir.passes.InPlacePass):
     max_rows: int = 1024
     stats: Counter = field(default_factory=Counter, compare=False)
 
+    report_key = REPORT_KEY  # model.meta key of the report (a subclass with another rule has its own)
+
+    @property
+    def clip_search(self) -> bool:
+        """Whether the search rounds weights with MSE clipping (matters at 4 bits, little at 8)."""
+        return self.weights is not None and self.weights.format.bits <= 4
+
+    def scales(self, rows: np.ndarray, x_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float,
+               block: int) -> np.ndarray:
+        """The per-channel s for `alpha` (SmoothQuant's rule; a subclass may use another)."""
+        return smoothing_scales(x_absmax, w_absmax, alpha, block)
+
     def __post_init__(self):
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise PassError(f"Smooth: alpha must lie in [0, 1], got {self.alpha}")
@@ -100,8 +112,8 @@ class Smooth(ir.passes.InPlacePass):
             candidates = [None] + ([self.alpha] if self.alpha is not None else list(self.alphas))
             errors = {}
             for a in candidates:
-                s = None if a is None else smoothing_scales(x_absmax, w_absmax, a, site.block)
-                errors[a] = site_error(rows, cmin, cmax, weights, s, self.activations, self.weights)
+                s = None if a is None else self.scales(rows, x_absmax, w_absmax, a, site.block)
+                errors[a] = site_error(rows, cmin, cmax, weights, s, self.activations, self.weights, self.clip_search)
             best = min(candidates, key=lambda a: errors[a])
             if self.alpha is not None:
                 best = self.alpha  # a fixed α is applied as asked (its error is still reported)
@@ -111,7 +123,7 @@ class Smooth(ir.passes.InPlacePass):
                 entry.update(status="kept", reason="no α measured better than leaving the input as it is")
                 self.stats["kept"] += 1
                 continue
-            s = smoothing_scales(x_absmax, w_absmax, best, site.block)
+            s = self.scales(rows, x_absmax, w_absmax, best, site.block)
             _apply(model.graph, site, s)
             entry.update(status="smoothed", alpha=best, s_range=[float(s.min()), float(s.max())],
                          x_ratio_before=_ratio(x_absmax), x_ratio_after=_ratio(x_absmax / s))
@@ -119,8 +131,8 @@ class Smooth(ir.passes.InPlacePass):
             modified = True
         if modified:
             _drop_unused_initializers(model.graph)
-        model.meta[REPORT_KEY] = {"sites": report, "counters": dict(self.stats)}
-        log.info("smooth: %s", dict(self.stats))
+        model.meta[self.report_key] = {"sites": report, "counters": dict(self.stats)}
+        log.info("%s: %s", self.report_key, dict(self.stats))
         return ir.passes.PassResult(model, modified=modified)
 
 
@@ -161,7 +173,8 @@ def fake_quant_activation(x: np.ndarray, spec: QuantSpec, lo: float, hi: float) 
 
 
 def site_error(rows: np.ndarray, cmin: np.ndarray, cmax: np.ndarray, weights: list[np.ndarray],
-               s: np.ndarray | None, activations: QuantSpec | None, weight_spec: QuantSpec | None) -> float:
+               s: np.ndarray | None, activations: QuantSpec | None, weight_spec: QuantSpec | None,
+               clip_search: bool | None = None) -> float:
     """Σ over consumers of ‖X·W − Q(X/s)·Q(s·W)‖² / ‖X·W‖² on the sample `rows` (s None: no
     smoothing); `cmin` / `cmax` are the channels' ranges over all calibration rows (static scales)."""
     x = rows.astype(np.float32)
@@ -169,7 +182,7 @@ def site_error(rows: np.ndarray, cmin: np.ndarray, cmax: np.ndarray, weights: li
     xs = x if s is None else x / s
     xq = fake_quant_activation(xs, activations, lo, hi) if activations is not None else xs
     total = 0.0
-    clip = weight_spec is not None and weight_spec.format.bits <= 4  # clipping matters little at 8 bits
+    clip = weight_spec is not None and weight_spec.format.bits <= 4 if clip_search is None else clip_search
     for w in weights:
         ws = w if s is None else w * s[:, None]
         wq = quantize_rtn(ws, weight_spec, clip_search=clip).dequantize() if weight_spec is not None else ws

@@ -158,7 +158,8 @@ def quantize_rtn(w: np.ndarray, spec: QuantSpec, clip_search: bool = True) -> Qu
 
 
 def quantize_gptq(
-    w: np.ndarray, spec: QuantSpec, gram: np.ndarray, damp: float = 0.01, block: int = 128, act_order: bool = True
+    w: np.ndarray, spec: QuantSpec, gram: np.ndarray, damp: float = 0.01, block: int = 128, act_order: bool = True,
+    clip: str = "weight",
 ) -> QuantizedWeight:
     """GPTQ on canonical [K, N] weights with H = XᵀX [K, K] of the layer's inputs.
 
@@ -172,7 +173,12 @@ def quantize_gptq(
     g = spec.granularity
     if isinstance(g, PerBlock) and g.axis != 0 or isinstance(g, PerChannel) and g.axis != 1:
         raise ValueError(f"GPTQ needs groups along the input axis, got {spec}")
-    scale, zp = find_scales(w.astype(np.float32), spec, clip_search=True, importance=np.diag(gram).copy())
+    if clip == "output":  # each group's clipping by its output error ΔwᵀH_gΔw (lpcompile.passes.awq)
+        from lpcompile.passes.awq import output_error_scales
+
+        scale, zp = output_error_scales(w, spec, gram)
+    else:
+        scale, zp = find_scales(w.astype(np.float32), spec, clip_search=True, importance=np.diag(gram).copy())
     full_s = np.array(expand_groups(scale, spec, (k, n)), np.float64)
     full_z = None if zp is None else np.array(expand_groups(zp, spec, (k, n)), np.float64)
     h = np.array(gram, np.float64)
@@ -228,10 +234,10 @@ def quantize_weight(
     "gptq" without a Hessian, or with a granularity it cannot use (`gptq_applies`), falls back to
     "mse" (`lpcompile.passes.quantize.effective_method` says which ran, for the report).
     """
-    if method not in ("rtn", "mse", "gptq"):
-        raise FormatError(f"unknown weight method {method!r}; choose one of: rtn, mse, gptq")
-    if method == "gptq" and gram is not None and gptq_applies(spec):
-        return quantize_gptq(w, spec, gram)
+    if method not in ("rtn", "mse", "gptq", "gptq-clip"):
+        raise FormatError(f"unknown weight method {method!r}; choose one of: rtn, mse, gptq, gptq-clip")
+    if method in ("gptq", "gptq-clip") and gram is not None and gptq_applies(spec):
+        return quantize_gptq(w, spec, gram, clip="output" if method == "gptq-clip" else "weight")
     if method == "rtn":
         return quantize_rtn(w, spec, clip_search=False)
     return quantize_rtn(w, spec, clip_search=True)
