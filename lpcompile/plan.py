@@ -162,6 +162,8 @@ class Plan:
                 w, a, m, why = embeddings, None, "mse", f"{name} (embedding table: no input to compensate over)"
             else:
                 w, a, m, why = weights, activations if layer.activation is not None else None, method, name
+                if layer.kind == "conv":
+                    w, a, why = _fit_conv(layer, w, a, why)
             sparse = sparsity if sparsity and layer.kind in ("matmul", "gemm") and layer.name not in excluded else None
             choices.append(LayerChoice(layer.name, w, a, m if w is not None else "mse", reason=why, shape=(k, n),
                                        bits=weight_bits(w, k, n) if sparse is None else _sparse_bits(w, k, n, sparse),
@@ -300,6 +302,20 @@ class Plan:
         except json.JSONDecodeError as e:
             raise LpcompileError(f"plan file {path} is not JSON: {e}") from None
         return cls.from_json(data)
+
+
+def _fit_conv(layer, weights: QuantSpec | None, activations: QuantSpec | None, why: str):
+    """A recipe's specs as a conv layer can take them (`lpcompile.ir.patterns.conv_weight_spec`);
+    per-token dynamic input scales reduce over the last axis, which on a conv input is a spatial
+    one, so the conv's input stays float under such recipes."""
+    from lpcompile.ir.patterns import conv_weight_spec
+
+    weights, note = conv_weight_spec(layer, weights)
+    notes = [why, note] if note else [why]
+    if activations is not None and activations.dynamic:
+        activations = None
+        notes.append("conv: per-token input scales reduce over a spatial axis here, so the input stays float")
+    return weights, activations, "; ".join(notes)
 
 
 def _sparse_bits(spec: QuantSpec | None, k: int, n: int, sparsity: str) -> int:

@@ -238,7 +238,7 @@ def _norm_problem(norm: Norm) -> str | None:
 
 class _Index:
     def __init__(self, graph: ir.Graph):
-        self.layers = find_linear_layers(graph)
+        self.layers = find_linear_layers(graph, convs=False)  # a conv reads channels on axis 1: not foldable here
         self.norms = find_norms(graph)
         self.by_output = {id(l.output): l for l in self.layers}
         self.by_node = {id(l.node): l for l in self.layers}

@@ -7,6 +7,16 @@ weight in one canonical layout, [K (in), N (out)] — for an embedding table tha
 [D, V] — so one QuantSpec (`int4:block(0,128)`) means the same thing for all three;
 `LinearLayer.storage_axis` maps a canonical axis onto the axis of the stored tensor.
 
+A *convolution* (`Conv` 1-D/2-D/3-D, grouped and depthwise included; `ConvTranspose` with one
+group) on a constant weight is a linear layer too, over its im2col patch: the canonical weight is
+[K = (kernel positions) x (input channels per group), N = output channels], with K ordered
+kernel position-major and input channel-minor, so a block of input channels at one kernel
+position is a contiguous run of K (and one ONNX block along the stored input-channel axis).
+For a grouped conv K is per group (each output channel reads only its group's inputs).
+`LinearLayer.canonical` / `to_storage` convert between the stored tensor ([Cout, Cin/g, *k]
+for Conv, [Cin, Cout, *k] for ConvTranspose) and [K, N]; `conv_weight_spec` fits a weight
+spec to what one ONNX DequantizeLinear can express on a conv weight.
+
 Canonicalization writes what it recognised into node metadata (`lpcompile.pattern`), so the
 plan travels with a saved model; the finders here recompute it from the graph and never trust
 exporter-specific names.
@@ -16,21 +26,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
+
+from lpcompile.formats import PerBlock, PerChannel, PerTensor, QuantSpec
 
 PATTERN_KEY = "lpcompile.pattern"
 LAYER_NAME_KEY = "lpcompile.layer"
 
 
 @dataclass(frozen=True)
+class ConvGeometry:
+    """Where a conv weight's canonical [K, N] axes live in the stored tensor."""
+
+    out_axis: int  # 0 for Conv ([Cout, Cin/g, *k]), 1 for ConvTranspose ([Cin, Cout, *k])
+    in_axis: int
+    kernel: tuple[int, ...]  # spatial kernel shape
+    groups: int
+    transpose: bool  # ConvTranspose
+
+
+@dataclass(frozen=True)
 class LinearLayer:
     node: ir.Node
-    kind: str  # "matmul" | "gemm" | "embedding"
+    kind: str  # "matmul" | "gemm" | "embedding" | "conv"
     activation: ir.Value | None  # the float input (None for embeddings: their input is indices)
     weight: ir.Value  # the constant weight initializer
     transposed: bool  # stored as [N, K] (Gemm transB=1, embedding tables) rather than [K, N]
     bias: ir.Value | None  # Gemm C, or the constant of a following Add
     output: ir.Value  # the layer's output (after the bias Add where there is one)
+    conv: ConvGeometry | None = None  # for kind "conv"
 
     @property
     def name(self) -> str:
@@ -41,16 +66,70 @@ class LinearLayer:
     @property
     def in_features(self) -> int:
         shape = self.weight.shape
+        if self.conv is not None:
+            return int(shape[self.conv.in_axis]) * int(np.prod(self.conv.kernel, dtype=np.int64))
         return int(shape[1] if self.transposed else shape[0])
 
     @property
     def out_features(self) -> int:
         shape = self.weight.shape
+        if self.conv is not None:
+            return int(shape[self.conv.out_axis])
         return int(shape[0] if self.transposed else shape[1])
 
     def storage_axis(self, canonical_axis: int) -> int:
-        """The axis of the stored weight that is `canonical_axis` of the [K, N] layout."""
+        """The axis of the stored weight that is `canonical_axis` of the [K, N] layout (for a
+        conv, K's blocks lie along the stored input-channel axis: see `conv_weight_spec`)."""
+        if self.conv is not None:
+            return self.conv.out_axis if canonical_axis == 1 else self.conv.in_axis
         return 1 - canonical_axis if self.transposed else canonical_axis
+
+    def canonical(self, stored: np.ndarray) -> np.ndarray:
+        """The stored weight as canonical [K, N]."""
+        if self.conv is None:
+            return stored.T if self.transposed else stored
+        c = self.conv
+        moved = np.moveaxis(stored, (c.in_axis, c.out_axis), (-2, -1))  # [*k, cin, cout]
+        return moved.reshape(-1, moved.shape[-1])
+
+    def to_storage(self, a: np.ndarray) -> np.ndarray:
+        """A canonical [K', N'] array (weights, or blocked scales whose K' = K / block) in the
+        stored weight's layout: the inverse of `canonical`."""
+        if self.conv is None:
+            return a.T if self.transposed else a
+        c = self.conv
+        shaped = a.reshape(*c.kernel, -1, a.shape[-1])
+        return np.ascontiguousarray(np.moveaxis(shaped, (-2, -1), (c.in_axis, c.out_axis)))
+
+
+def conv_weight_spec(layer: LinearLayer, spec: QuantSpec | None) -> tuple[QuantSpec | None, str]:
+    """`spec` as one ONNX DequantizeLinear can express it on `layer`'s conv weight, and why it
+    changed ("" when it did not). Per tensor and per output channel map as they are; blocks along
+    K must divide the input channels per group (a block never straddles two kernel positions):
+    the block shrinks to the largest divisor of Cin/g within it, and below 16 channels (the stem,
+    depthwise convs) per-output-channel scales are used instead (a scale per 1-8 weights would
+    cost more bits than it saves). Per-input-channel scales have no single ONNX axis here."""
+    if spec is None or layer.conv is None:
+        return spec, ""
+    g = spec.granularity
+    if isinstance(g, (PerTensor,)) or isinstance(g, PerChannel) and g.axis == 1:
+        return spec, ""
+    per_channel = QuantSpec(spec.format, PerChannel(1), spec.symmetric, spec.scale_method, spec.scale_format,
+                            spec.dynamic)
+    if isinstance(g, PerChannel):
+        return per_channel, "conv: per-input-channel scales have no single axis on a conv weight; per output channel"
+    if isinstance(g, PerBlock) and g.axis == 0:
+        cin = int(layer.weight.shape[layer.conv.in_axis])
+        size = max(d for d in range(1, min(g.size, cin) + 1) if cin % d == 0)
+        if size == g.size:
+            return spec, ""
+        if size < 16:
+            return per_channel, (f"conv: {cin} input channels per group leave no block of >= 16 within "
+                                 f"{g.size}; per output channel")
+        blocked = QuantSpec(spec.format, PerBlock(0, size), spec.symmetric, spec.scale_method, spec.scale_format,
+                            spec.dynamic)
+        return blocked, f"conv: blocks of {size} ({cin} input channels per group)"
+    return spec, ""
 
 
 def layer_name(node: ir.Node, weight: ir.Value) -> str:
@@ -81,12 +160,13 @@ def constant_weight(value: ir.Value | None) -> bool:
     )
 
 
-def find_linear_layers(graph: ir.Graph) -> list[LinearLayer]:
-    """All linear layers of the main graph, in topological order."""
+def find_linear_layers(graph: ir.Graph, convs: bool = True) -> list[LinearLayer]:
+    """All linear layers of the main graph, in topological order; convolutions (kind "conv")
+    unless `convs` is False (analyses that need a 2-D matmul: rotation, latency models)."""
     layers = []
     for node in graph:
         layer = match_linear(node)
-        if layer is not None:
+        if layer is not None and (convs or layer.kind != "conv"):
             layers.append(layer)
     return layers
 
@@ -118,10 +198,34 @@ def why_not_linear(node: ir.Node) -> str | None:
         if not constant_weight(node.inputs[0]):
             return "table is not a constant 2-D float tensor"
         return None
+    if node.op_type in ("Conv", "ConvTranspose"):
+        return _why_not_conv(node)
     return f"{node.op_type} is not a linear op"
 
 
+def _why_not_conv(node: ir.Node) -> str | None:
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    if w is None or w.const_value is None or w.is_graph_input():
+        return f"{node.op_type} weight is not a constant"
+    t = w.const_value
+    if len(t.shape) < 3 or t.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16,
+                                           ir.DataType.DOUBLE):
+        return f"{node.op_type} weight is not a float tensor of rank >= 3"
+    group = node.attributes.get("group")
+    if node.op_type == "ConvTranspose" and group is not None and group.as_int() != 1:
+        return "grouped ConvTranspose (its weight's output-channel axis is per group)"
+    return None
+
+
 def _build(node: ir.Node) -> LinearLayer:
+    if node.op_type in ("Conv", "ConvTranspose"):
+        shape = tuple(int(d) for d in node.inputs[1].shape)
+        group = node.attributes.get("group")
+        transpose = node.op_type == "ConvTranspose"
+        geometry = ConvGeometry(1 if transpose else 0, 0 if transpose else 1, shape[2:],
+                                group.as_int() if group is not None else 1, transpose)
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        return LinearLayer(node, "conv", node.inputs[0], node.inputs[1], False, bias, node.outputs[0], geometry)
     if node.op_type == "Gather":
         return LinearLayer(node, "embedding", None, node.inputs[0], True, None, node.outputs[0])
     if node.op_type == "Gemm":

@@ -129,10 +129,12 @@ class Calibrate(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         start = time.perf_counter()
-        names = []
+        names, conv_inputs = [], set()
         for layer in find_linear_layers(model.graph):
             if layer.activation is not None and layer.activation.name not in names:
                 names.append(layer.activation.name)
+            if layer.kind == "conv" and layer.activation is not None:  # XᵀX over the last axis is not a conv's
+                conv_inputs.add(layer.activation.name)
         runner = OrtRunner(model, extra=names)
         stats: dict[str, TensorStats] = {}
         total = self.data.num_samples
@@ -143,7 +145,7 @@ class Calibrate(ir.passes.InPlacePass):
                 x = outputs[name]
                 if name not in stats:
                     stats[name] = TensorStats(name, int(x.shape[-1]))
-                want_gram = self.gram_for is None or name in self.gram_for
+                want_gram = (self.gram_for is None or name in self.gram_for) and name not in conv_inputs
                 stats[name].update(x, want_gram)
             done += len(next(iter(batch.values())))
             if self.progress:

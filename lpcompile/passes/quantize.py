@@ -25,7 +25,7 @@ import onnx_ir as ir
 from lpcompile.errors import PassError
 from lpcompile.formats import MIN_SCALE, FloatFormat, IntFormat, PerBlock, PerChannel, QuantSpec
 from lpcompile.ir import DOMAIN, upgrade_opset
-from lpcompile.ir.patterns import LAYER_NAME_KEY as LAYER_KEY, LinearLayer, find_linear_layers
+from lpcompile.ir.patterns import LAYER_NAME_KEY as LAYER_KEY, LinearLayer, conv_weight_spec, find_linear_layers
 from lpcompile.ir.store import new_tensor, read_weight
 from lpcompile.passes.calibrate import CALIBRATION_KEY, Calibration
 from lpcompile.passes.weight_quant import QuantizedWeight, gptq_applies, quantize_weight
@@ -87,7 +87,8 @@ class Quantize(ir.passes.InPlacePass):
                     layer.node.metadata_props[METHOD_NOTE_KEY] = note
                 self.stats["weights"] += 1
                 self.stats[f"method {method}"] += 1
-            if choice.activations is not None and layer.activation is not None:
+            if choice.activations is not None and layer.activation is not None and not (
+                    layer.kind == "conv" and choice.activations.dynamic):  # see plan._fit_conv
                 key = (layer.activation.name, str(choice.activations))
                 if key not in activation_qdq:
                     activation_qdq[key] = insert_activation_qdq(model, layer, choice.activations, calibration)
@@ -108,10 +109,14 @@ class Quantize(ir.passes.InPlacePass):
         """The DequantizeLinear of the layer's quantized weight, the method that ran, and why it
         is not the one asked for ("" when it is)."""
         stored = read_weight(layer.weight.const_value)
-        canonical = stored.T if layer.transposed else stored
+        canonical = layer.canonical(stored)
         gram = _gram(layer, calibration)
-        method, note = effective_method(choice.method, choice.weights, gram is not None)
-        q = quantize_weight(canonical, choice.weights, method, gram)
+        spec, fitted = conv_weight_spec(layer, choice.weights)  # a conv's blocks stay within one kernel position
+        method, note = effective_method(choice.method, spec, gram is not None)
+        if layer.kind == "conv" and method != choice.method:
+            note = f"{choice.method} asked; no XᵀX over a conv's im2col patches is collected, so {method}"
+        note = "; ".join(x for x in (fitted, note) if x)
+        q = quantize_weight(canonical, spec, method, gram)
         del stored, canonical
         return _emit_dequantize(model.graph, layer, q), method, note
 
@@ -255,11 +260,11 @@ def _emit_dequantize(graph: ir.Graph, layer: LinearLayer, q: QuantizedWeight) ->
     codes, scale, zp = q.codes, q.scale, q.zero_point
     attrs: dict[str, int] = {}
     g = spec.granularity
-    if layer.transposed:  # store in the original orientation: [N, K]
-        codes = codes.T
+    if layer.transposed or layer.conv is not None:  # store in the original orientation ([N, K], a conv's [Cout, Cin/g, *k])
+        codes = layer.to_storage(codes)
         if isinstance(g, PerBlock):
-            scale = scale.T
-            zp = zp.T if zp is not None else None
+            scale = layer.to_storage(scale)
+            zp = layer.to_storage(zp) if zp is not None else None
     if isinstance(g, PerChannel):
         attrs["axis"] = layer.storage_axis(g.axis)
     elif isinstance(g, PerBlock):

@@ -419,7 +419,7 @@ class _Run:
     # --- online ----------------------------------------------------------------------------------
 
     def online_candidates(self) -> list[LinearLayer]:
-        layers = [l for l in find_linear_layers(self.graph) if l.kind != "embedding" and l.activation is not None]
+        layers = [l for l in find_linear_layers(self.graph, convs=False) if l.kind != "embedding" and l.activation is not None]
         # not rotated by this run, nor by an earlier one (those were reported with their region)
         free = [l for l in layers if "input" not in _tag(l.node)
                 and not (id(l.node) in self.edits and self.edits[id(l.node)].q_in is not None)]
@@ -688,7 +688,7 @@ def outlier_stats(model: ir.Model, data, batch_size: int = 8) -> dict[str, dict[
     with `.batches(batch_size)`, e.g. a `CalibrationData`, or a list of feed dicts)."""
     from lpcompile.ir.run import OrtRunner
 
-    layers = [l for l in find_linear_layers(model.graph) if l.kind != "embedding" and l.activation is not None]
+    layers = [l for l in find_linear_layers(model.graph, convs=False) if l.kind != "embedding" and l.activation is not None]
     names = list(dict.fromkeys(l.activation.name for l in layers))
     runner = OrtRunner(model, extra=names)
     moments = {n: np.zeros(5) for n in names}  # count, Σx, Σx², Σx³, Σx⁴

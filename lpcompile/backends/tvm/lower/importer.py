@@ -16,6 +16,7 @@ from tvm import relax, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as ox
 
 from lpcompile.backends.tvm.lower.context import _ACTIVE, _Context
+from lpcompile.backends.tvm.lower.conv import Conv, ConvTranspose
 from lpcompile.backends.tvm.lower.gather import Gather
 from lpcompile.backends.tvm.lower.hadamard import Hadamard
 from lpcompile.backends.tvm.lower.linear import Gemm, MatMul
@@ -41,6 +42,8 @@ CONVERTERS: dict[str, type] = {
     "Hadamard": Hadamard,
     "MatMul": MatMul,
     "Gemm": Gemm,
+    "Conv": Conv,
+    "ConvTranspose": ConvTranspose,
 }
 
 

@@ -58,10 +58,18 @@ def kernel_choice(target: tvm.target.Target, act: tuple[str, str] | None, weight
 
 
 def _lower_linear(ctx: _Context, a: relax.Expr, b: relax.Expr, *, transposed: bool, pattern: str, node: str | None = None):
-    bb = ctx.bb
     w = ctx.weights.get(b)
     if w is None:
         return None
+    return lower_weight(ctx, a, w, transposed=transposed, pattern=pattern, node=node)
+
+
+def lower_weight(ctx: _Context, a: relax.Expr, w: ConstantDequantize, *, transposed: bool, pattern: str,
+                 node: str | None = None):
+    """`a @ dequantize(w)` on the quantized_matmul kernels (None, with the refusal recorded,
+    where no kernel takes it); `a` may be carried quantized (`ctx.acts`). Also the GEMM of a
+    lowered convolution (`conv`), which hands in its im2col patches and a 2-D weight."""
+    bb = ctx.bb
     report = ctx.report  # refusals of this layer are recorded under its node name
     if w.q.ndim != 2 or a.ty.ndim < 2:
         report.refuse(pattern, "weights must be 2-D and the activation at least 2-D", node)

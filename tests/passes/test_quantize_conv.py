@@ -1,0 +1,86 @@
+"""Quantized convolutions in onnxruntime: every recipe on 1-D, 2-D, grouped, depthwise and
+transposed convs gives a QDQ model that onnxruntime runs (reference session and its default,
+fusing one) within stated floors of the float model; weights are DequantizeLinear of low-bit
+codes on the stored conv layout; recipes whose per-token input scales do not apply to a conv
+keep its input float and say why; and over a CNN with ResNet-like widths the weight bytes are
+about 1/4 (int8) and 1/8 (int4) of fp32."""
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import lpcompile
+from lpcompile.backends.onnx import portable
+from lpcompile.recipes import RECIPES
+from models.convnets import calibration, conv1d_net, conv2d_net, wide_cnn
+from tests.conftest import ort_run, sqnr_db
+
+# Measured on these seeded nets (random data), a few dB below: a drop is a regression.
+FLOOR_DB = {"int4": 12.0, "w8a16": 35.0, "int8": 27.0, "w4a8": 12.0, "w4a4": 12.0, "fp8": 20.0, "fp8-e5m2": 14.0}
+
+
+def _default_session_run(model: ir.Model, feeds):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(ir.to_proto(model).SerializeToString(), so).run(None, feeds)
+
+
+@pytest.mark.parametrize("net", [conv2d_net, conv1d_net])
+@pytest.mark.parametrize("fmt", sorted(RECIPES))
+def test_every_recipe_on_every_conv_form_runs_in_onnxruntime(net, fmt):
+    proto = net()
+    feeds = calibration(proto, 1, seed=7)[0]
+    ref = ort_run(proto, feeds)[0]
+    art = lpcompile.compile(proto, format=fmt, calibration=calibration(proto))
+    got = ort_run(art.qdq_model, feeds)[0]
+    assert sqnr_db(ref, got) >= FLOOR_DB[fmt], sqnr_db(ref, got)
+    default = _default_session_run(portable(art.qdq_model)[0], feeds)[0]  # the saved form, ORT fusing QLinearConv
+    # onnxruntime's default session fuses DQ -> Conv -> Relu -> Q into QLinearConv, requantizing
+    # each conv's output straight to the next input's codes (int8 on conv2d_net: 24 dB against 30)
+    assert sqnr_db(ref, default) >= FLOOR_DB[fmt] - 5.0
+    convs = [n for n in art.qdq_model.graph if n.op_type in ("Conv", "ConvTranspose")]
+    assert len(convs) == len(proto.graph.node) - sum(n.op_type == "Relu" for n in proto.graph.node)
+    recipe = RECIPES[fmt]
+    for node in convs:
+        w = node.inputs[1].producer()
+        assert w is not None and w.op_type == "DequantizeLinear", node.name
+        codes = w.inputs[0].const_value
+        assert codes.dtype == recipe.weights.format.onnx_type
+        assert tuple(codes.shape) == tuple(onnx.numpy_helper.to_array(
+            next(i for i in proto.graph.initializer if i.name == f"{node.name}.weight")).shape)
+        x = node.inputs[0].producer()
+        quantized_input = x is not None and x.op_type in ("DequantizeLinear",) or (
+            x is not None and x.op_type.startswith("PerTokenQDQ"))
+        assert quantized_input == (recipe.activations is not None and not recipe.activations.dynamic), node.name
+    if recipe.activations is not None and recipe.activations.dynamic:
+        reasons = [c.reason for c in art.plan.layers]
+        assert all("input stays float" in r for r in reasons)
+
+
+def test_weight_methods_and_spec_fitting_are_reported():
+    proto = conv2d_net()
+    art = lpcompile.compile(proto, format="int4", calibration=calibration(proto))
+    meta = {n.name: dict(n.metadata_props) for n in art.qdq_model.graph if n.op_type in ("Conv", "ConvTranspose")}
+    assert all(m["lpcompile.weight_method"] == "mse" for m in meta.values())
+    assert all("no XᵀX over a conv's im2col patches" in m["lpcompile.weight_method_note"] for m in meta.values())
+    plan = {c.name: c for c in art.plan.layers}
+    assert "blocks of 16" in plan["head"].reason and meta["head"]["lpcompile.weight_format"] == "int4:block(0,16):sym"
+    assert str(plan["grouped"].weights) == "int4:block(0,16):sym"  # 16 input channels per group
+    assert str(plan["depthwise"].weights) == "int4:channel(1):sym"
+    dq = {n.name: n for n in art.qdq_model.graph if n.op_type == "DequantizeLinear"}
+    grouped = dq["grouped.weight_dequantize"]
+    assert grouped.attributes["axis"].as_int() == 1 and grouped.attributes["block_size"].as_int() == 16
+    assert dq["up.weight_dequantize"].attributes["axis"].as_int() == 0  # ConvTranspose [Cin, Cout, ...]: K blocks on axis 0
+
+
+@pytest.mark.parametrize(("fmt", "lo", "hi"), [("int8", 0.245, 0.26), ("int4", 0.125, 0.14), ("w8a16", 0.245, 0.26)])
+def test_weight_bytes_over_a_cnn_are_a_quarter_and_an_eighth(fmt, lo, hi):
+    proto = wide_cnn()
+    art = lpcompile.compile(proto, format=fmt, calibration=calibration(proto, 2, batch=2))
+    totals = art.report["totals"]
+    assert totals["layers_quantized"] == 5
+    ratio = totals["weight_bytes"] / totals["weight_bytes_fp32"]
+    assert lo <= ratio <= hi, ratio
