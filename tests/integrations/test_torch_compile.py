@@ -88,6 +88,7 @@ def test_transformer_block_int4_with_calibration_data():
     assert not np.allclose(ort, ref.numpy(), atol=1e-4)  # the weights really are quantized
 
 
+@pytest.mark.slow  # two pieces, two TVM builds (~25 s)
 def test_graph_break_pieces_calibrate_on_first_calls():
     """No calibration data: each piece runs eagerly on its first calls (exactly the float
     model), recording its inputs, then compiles with static int8 activation scales from them."""
