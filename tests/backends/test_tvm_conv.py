@@ -1,0 +1,51 @@
+"""Quantized convolutions through the TVM backend: the artifact against onnxruntime running the
+same QDQ model, on 1-D and 2-D convs (plain, strided, dilated, grouped, 1x1), with what runs
+natively (im2col + the quantized_matmul kernels) and what does not (depthwise: emulated;
+ConvTranspose: float fallback) stated in the manifest; the artifact holds low-bit codes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+
+import lpcompile  # noqa: E402
+from lpcompile import runtime  # noqa: E402
+from models.convnets import calibration, conv1d_net, conv2d_net  # noqa: E402
+from tests.conftest import ort_run  # noqa: E402
+
+NATIVE = {"conv2d_net": {"stem", "grouped", "head"}, "conv1d_net": {"c1", "c2"}}
+
+
+@pytest.mark.parametrize(("net", "fmt"), [(conv2d_net, "int8"), (conv2d_net, "int4"), (conv1d_net, "fp8"),
+                                          (conv1d_net, "w4a8")])
+def test_conv_artifact_matches_onnxruntime(net, fmt, tmp_path):
+    proto = net()
+    feeds = calibration(proto, 1, batch=3, seed=7)[0]
+    art = lpcompile.compile(proto, format=fmt, calibration=calibration(proto), emit=("onnx", "tvm"))
+    out = art.save(tmp_path / fmt)
+    ref = ort_run(art.qdq_model, feeds)[0]
+    model = runtime.load(out)
+    got = model.run(feeds)[model.output_names[0]]
+    # one summation order against another; a quantized input is the same codes in both (the
+    # per-tensor Q of these small nets lands no value on a rounding boundary: checked exactly)
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
+    layers = {l["name"]: l for l in json.loads((out / "manifest.json").read_text())["layers"]}
+    native = {n for n, l in layers.items() if l["status"] == "native"}
+    assert native == NATIVE[net.__name__], layers
+    assert all(layers[n]["kernel"].startswith("im2col + ") for n in native)
+    if net is conv2d_net:
+        assert layers["depthwise"]["status"] == "emulated" and "depthwise" in layers["depthwise"]["reason"]
+        assert layers["up"]["status"] != "native" and "ConvTranspose" in layers["up"]["reason"]
+    if fmt in ("int8", "fp8"):
+        activation = {"int8": "uint8", "fp8": "float8_e4m3fn"}[fmt]
+        assert all(layers[n]["kernel"].startswith(f"im2col + {activation} x") for n in native)
+    # the weights travel as low-bit codes: the only float32 weights in params.bin are the
+    # ConvTranspose's (float fallback) plus scales and biases
+    manifest = json.loads((out / "manifest.json").read_text())
+    sizes = {i.name.removesuffix(".weight"): int(np.prod(i.dims)) * 4 for i in proto.graph.initializer
+             if i.name.endswith(".weight")}
+    assert manifest["params_by_dtype"].get("float32", 0) <= sizes.get("up", 0) + 0.1 * sum(sizes.values())
