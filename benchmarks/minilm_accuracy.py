@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         out = work / f"lpc-{fmt}"
         t = time.perf_counter()
         subprocess.run([py, "-m", "lpcompile.cli", str(float_path), "--format", fmt, "--calibration", str(calib_dir),
-                        "-o", str(out), "-q"], check=True, cwd=ROOT)
+                        "--emit", "onnx", "-o", str(out), "-q"], check=True, cwd=ROOT)
         seconds = time.perf_counter() - t
         r = compare(ref, embed(session(out / "model.qdq.onnx", optimize=False), ev))
         r.update(tool="lpcompile", file_bytes=os.path.getsize(out / "model.qdq.onnx"), compile_seconds=round(seconds, 1))

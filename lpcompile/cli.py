@@ -1,7 +1,8 @@
 """`lpcompile MODEL --target T --format F [-o OUT_DIR] [--calibration SRC] [--exclude PATTERN]...`
 
 Writes OUT_DIR (default `<model-stem>.lpc/`) atomically: model.qdq.onnx, report.json, report.md
-(with --emit onnx,tvm also model.so, params.bin, manifest.json).
+and, by default (`--emit onnx,tvm`), the compiled code: model.so, params.bin, manifest.json
+(`--emit onnx`: the QDQ model alone).
 `lpcompile run OUT_DIR --inputs x.npz [-o out.npz]` / `lpcompile bench OUT_DIR [--batch N] [--seq L]`
 run such an artifact (lpcompile.runtime.cli; the compiler is not imported).
 Bad input exits with status 2 and one line on stderr; nothing is left behind.
@@ -15,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from lpcompile import goals, targets
+from lpcompile import extras, goals, targets
 from lpcompile.errors import LpcompileError
 from lpcompile.output import check_output_dir
 
@@ -72,6 +73,9 @@ def _smooth_arg(text: str) -> str | float:
     return alpha
 
 
+DEFAULT_EMIT = ("onnx", "tvm")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lpcompile.api import EMITS
     from lpcompile.recipes import RECIPES
@@ -121,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--awq", choices=["off", "scale", "clip", "auto"], default="off",
                    help="activation-aware weight quantization with GPTQ: per-channel scaling searched on the "
                         "calibration data (scale), each group's clipping by its output error (clip), or both (auto)")
-    p.add_argument("--emit", default="onnx", help=f"comma-separated outputs ({', '.join(EMITS)})")
+    p.add_argument("--emit", default=None,
+                   help=f"comma-separated outputs ({', '.join(EMITS)}); default {','.join(DEFAULT_EMIT)}: the QDQ model "
+                        "and the TVM artifact for the target (a compiler's command compiles); onnx: the QDQ model alone")
     p.add_argument("--qdq-functions", action="store_true",
                    help="keep lpcompile's functions (ai.lpcompile Hadamard, PerTokenQDQ_*) in model.qdq.onnx, the form "
                         "its own TVM lowering matches; default: the portable form onnxruntime and OpenVINO run as they are")
@@ -148,7 +154,14 @@ def main(argv: list[str] | None = None) -> int:
             raise LpcompileError(f"no such model file: {model}")
         out = Path(args.output) if args.output else model.with_name(model.stem + ".lpc")
         check_output_dir(out, _inputs(model, args.calibration, args.plan))  # before any work
-        emit = tuple(e.strip() for e in args.emit.split(",") if e.strip())
+        if args.emit is None:  # the default compiles code for the target: TVM is needed, said before any work
+            emit = DEFAULT_EMIT
+            if not extras.installed("tvm"):
+                raise extras.MissingExtra(f"compiling code for --target {args.target} (the default --emit "
+                                          f"{','.join(DEFAULT_EMIT)}) needs {extras.install_hint('tvm')}; "
+                                          "--emit onnx writes the QDQ model alone")
+        else:
+            emit = tuple(e.strip() for e in args.emit.split(",") if e.strip())
         result = lp_compile(
             model,
             target=args.target,

@@ -11,8 +11,13 @@ import pytest
 from tests.conftest import mlp_model, ort_run, sqnr_db
 
 
-def lpcompile(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "lpcompile.cli", *map(str, args)], capture_output=True, text=True,
+def lpcompile(*args, cwd=None, emit="onnx"):
+    """`python -m lpcompile.cli ARGS`; a compile without --emit writes the QDQ model alone (`emit`:
+    the TVM build the default adds is tested once, in test_default_compiles_code_for_the_target)."""
+    args = [str(a) for a in args]
+    if emit and args and args[0] not in ("run", "bench") and not args[0].startswith("-") and "--emit" not in args:
+        args += ["--emit", emit]
+    return subprocess.run([sys.executable, "-m", "lpcompile.cli", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=300)
 
 
@@ -194,3 +199,13 @@ def test_the_repository_models_package_is_not_installed(tmp_path):
     r = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('models') is None)"],
                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
     assert r.stdout.strip() == "True", r.stderr
+
+
+def test_default_compiles_code_for_the_target(model_file, tmp_path):
+    """`lpcompile MODEL --target T --format F` is a compiler's command: the QDQ model and the TVM
+    artifact (`--emit onnx` keeps QDQ-only output, as the other tests here ask)."""
+    out = tmp_path / "default.lpc"
+    r = lpcompile(model_file, "--format", "int8", "--calibration", tmp_path / "calib.npz", "-o", out, emit=None)
+    assert r.returncode == 0, r.stderr
+    names = {p.name for p in out.iterdir()}
+    assert {"model.qdq.onnx", "report.json", "model.so", "params.bin", "manifest.json"} <= names

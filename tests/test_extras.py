@@ -101,10 +101,21 @@ def test_a_latency_goal_without_tvm_is_refused_before_any_work(without_extras):
 def test_steps_not_asked_for_never_import_optional_packages(without_extras, args):
     d, run = without_extras
     out = d / f"out_{args[1]}"
-    r, imports = run("{d}/mlp.onnx", *args, "-o", str(out), "-q")
+    r, imports = run("{d}/mlp.onnx", *args, "--emit", "onnx", "-o", str(out), "-q")
     assert r.returncode == 0, r.stderr
     assert imports == []
     assert (out / "model.qdq.onnx").exists()
+
+
+def test_the_default_compile_without_tvm_names_the_extra_and_the_qdq_only_way(without_extras):
+    """The default --emit builds code for the target: without TVM that is one line, before any
+    work, naming the extra and `--emit onnx`."""
+    d, run = without_extras
+    r, imports = run("{d}/mlp.onnx", "--format", "int8", "--calibration", "random:8", "-o", "{d}/out_default", "-q")
+    assert r.returncode == 2
+    line = _one_line(r)
+    assert "apache-tvm: pip install 'lpcompile[tvm]'" in line and "--emit onnx" in line
+    assert not (d / "out_default").exists() and imports == []
 
 
 def test_require_names_the_distribution_and_the_extra(monkeypatch):

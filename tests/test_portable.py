@@ -141,7 +141,7 @@ def test_cli_writes_the_portable_form_unless_asked_for_functions(tmp_path, flags
 
     ir.save(mlp_model(), tmp_path / "mlp.onnx")
     r = subprocess.run([sys.executable, "-m", "lpcompile", str(tmp_path / "mlp.onnx"), "--format", "w4a8", "--rotate",
-                        "online", "--calibration", "random:8", "-o", str(tmp_path / "out"), "-q", *flags],
+                        "online", "--calibration", "random:8", "--emit", "onnx", "-o", str(tmp_path / "out"), "-q", *flags],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert bool(ir.load(tmp_path / "out" / "model.qdq.onnx").functions) == functions
