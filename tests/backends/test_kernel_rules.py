@@ -17,6 +17,7 @@ from lpcompile.backends.tvm.target import cuda_target, describe, host_target  # 
 
 VNNI_CPU = targets.cpu_target("llvm", None, frozenset({"avx2", "avx512f", "avx512_vnni"}))
 AVX2_CPU = targets.cpu_target("llvm", None, frozenset({"avx2"}))
+NO_SIMD_CPU = targets.cpu_target("llvm", None, frozenset())
 W8A8 = MatmulSpec("uint8", "int8", k=384, n=1536, block=384)
 
 
@@ -30,14 +31,27 @@ def test_first_rule_that_applies_wins_and_the_earlier_ones_say_why_not():
     c = choose(VNNI_CPU, W8A8)
     assert c.rule.name == "vnni-u8s8-gemm" and c.dot4
     assert c.refused == {"avx512-int4-gemv": "float x int4 only"}
-    # N not a whole number of 64-wide tiles: the hand kernel refuses, the VNNI layout stays (generic schedule)
+    # N not a whole number of 64-wide tiles: the VNNI kernel refuses, AVX2's (16-wide) takes it
     c = choose(VNNI_CPU, MatmulSpec("uint8", "int8", k=384, n=48, block=384))
-    assert c.rule.name == "dot4-generic" and c.dot4
+    assert c.rule.name == "avx2-u8s8-gemm" and c.dot4
     assert c.refused["vnni-u8s8-gemm"] == "N 48 not a multiple of 64"
-    # no VNNI: plain layout, generic schedule; each VNNI rule names what is missing
+    # neither fits: the VNNI layout stays (generic schedule)
+    c = choose(VNNI_CPU, MatmulSpec("uint8", "int8", k=384, n=40, block=384))
+    assert c.rule.name == "dot4-generic" and c.dot4
+    # no VNNI: AVX2's exact vpmaddwd kernel on the same dot4 layout
     c = choose(AVX2_CPU, W8A8)
+    assert c.rule.name == "avx2-u8s8-gemm" and c.dot4
+    assert c.refused["vnni-u8s8-gemm"] == "needs AVX-512 VNNI"
+    # N not whole 16-wide tiles: the layout stays, the generic schedule reads it
+    c = choose(AVX2_CPU, MatmulSpec("uint8", "int8", k=384, n=40, block=384))
+    assert c.rule.name == "dot4-generic" and c.refused["avx2-u8s8-gemm"] == "N 40 not a multiple of 16"
+    # neither VNNI nor AVX2: plain layout, generic schedule; each rule names what is missing
+    c = choose(NO_SIMD_CPU, W8A8)
     assert c.rule.name == "generic" and not c.dot4
-    assert c.refused["vnni-u8s8-gemm"] == c.refused["dot4-generic"] == "needs AVX-512 VNNI"
+    assert c.refused["vnni-u8s8-gemm"] == "needs AVX-512 VNNI" and c.refused["avx2-u8s8-gemm"] == "needs AVX2"
+    assert c.refused["dot4-generic"] == "needs AVX-512 VNNI or AVX2"
+    # W4A8 keeps the dot4 (nibble8) layout only where VNNI reads it
+    assert choose(AVX2_CPU, MatmulSpec("int8", "int4", k=384, n=1536, block=128)).refused["dot4-generic"] == "needs AVX-512 VNNI"
 
 
 def test_int4_gemv_only_for_one_row():

@@ -33,7 +33,7 @@ from lpcompile.backends.tvm.kernels import (  # noqa: E402
     quantize_tensor,
     quantized_matmul,
 )
-from lpcompile.backends.tvm.kernels import cpu, x86  # noqa: E402
+from lpcompile.backends.tvm.kernels import avx2, cpu, x86  # noqa: E402
 from lpcompile.backends.tvm.target import CUDA_ARCHES, cuda_target, host_target  # noqa: E402
 from lpcompile.errors import TargetError  # noqa: E402
 from tests.conftest import ort_run  # noqa: E402
@@ -351,6 +351,33 @@ def test_vnni_gemm_is_the_compute_definition(m):
         y = tvm.runtime.tensor(np.zeros((rows_, n), np.float32))
         f(*[tvm.runtime.tensor(a) for a in args], y)
         outs.append(y.numpy())
+    np.testing.assert_array_equal(outs[0], outs[1])
+    exact = ((xq.astype(np.int64) - 131) @ wq.astype(np.int64)).astype(np.float32)
+    np.testing.assert_allclose(outs[0], exact * args[4] * np.float32(0.02), rtol=1e-6)
+
+
+@pytest.mark.parametrize("m", [1, 5, 32, None])
+def test_avx2_gemm_is_the_compute_definition(m):
+    """The hand-written AVX2 GEMM (uint8 x int8, dot4 layout, exact vpmaddwd on int16) against the
+    generic schedule of the same definition, bit for bit, with activations and weights at the
+    extremes where AVX2's saturating vpmaddubsw would be wrong (255 x -128, twice)."""
+    if not tvm.target.codegen.target_has_features("avx2", TARGET):
+        pytest.skip("needs AVX2")
+    k, n = 384, 128
+    rows_ = 7 if m is None else m
+    rng = np.random.default_rng(rows_)
+    xq = rng.integers(0, 256, (rows_, k)).astype(np.uint8)
+    wq = rng.integers(-128, 128, (k, n)).astype(np.int8)
+    xq[0, :] = 255
+    wq[:, 0] = -128  # x . w = 384 * 255 * -128: every int16 pair of vpmaddubsw would saturate
+    args = [xq, np.array([0.02], np.float32), np.array([131], np.uint8), DOT4.pack(wq, k),
+            rng.uniform(0.01, 0.02, (1, n)).astype(np.float32), wq.astype(np.int64).sum(0, keepdims=True).astype(np.int32)]
+    func = quantized_matmul(m, k, n, weight="int8", activation="uint8", dot4=True)
+    assert avx2.applies_dot4(func, TARGET)
+    lib = tvm.compile(tvm.IRModule({"main": avx2.u8s8_dot4_gemm(func)}), target=TARGET)
+    assert "vpmaddwd" in lib.mod.inspect_source("asm")
+    generic = tvm.compile(tvm.IRModule({"main": cpu.schedule(func, TARGET, generic_only=True)}), target=TARGET)
+    outs = [run(f["main"], *args, out_shape=(rows_, n)) for f in (lib, generic)]
     np.testing.assert_array_equal(outs[0], outs[1])
     exact = ((xq.astype(np.int64) - 131) @ wq.astype(np.int64)).astype(np.float32)
     np.testing.assert_allclose(outs[0], exact * args[4] * np.float32(0.02), rtol=1e-6)

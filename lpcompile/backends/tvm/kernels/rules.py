@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import tvm
 from tvm import tirx
 
-from lpcompile.backends.tvm.kernels import cpu, cuda, cuda_int4, mma, x86
+from lpcompile.backends.tvm.kernels import avx2, cpu, cuda, cuda_int4, mma, x86
 from lpcompile.backends.tvm.kernels.compute import FLOAT8, INT_RANGE, KERNEL_ATTR, PAIRS
 from lpcompile.backends.tvm.kernels.packing import DOT4, NIB8, NIBBLE, ceil_div
 from lpcompile.backends.tvm.target import describe
@@ -144,6 +144,18 @@ def _vnni_u8s8(t: Target, s: MatmulSpec) -> str | None:
     return None if t.has("avx512_vnni") else "needs AVX-512 VNNI"
 
 
+def _avx2_u8s8(t: Target, s: MatmulSpec) -> str | None:
+    if (s.activation, s.weight) != ("uint8", "int8"):
+        return "uint8 x int8 only"
+    if s.accumulator_only or not s.zero_point:
+        return "accumulator-only variant"
+    if s.block != s.k or s.k % avx2.K_STEP:
+        return f"per-channel scales (one K block) and K a multiple of {avx2.K_STEP} only"
+    if s.n % DOT4.lanes:
+        return f"N {s.n} not a multiple of {DOT4.lanes}"
+    return None if t.has("avx2") else "needs AVX2"
+
+
 def _vnni_w4a8(t: Target, s: MatmulSpec) -> str | None:
     if (s.activation, s.weight) != ("int8", "int4"):
         return "int8 x int4 only"
@@ -157,6 +169,10 @@ def _vnni_w4a8(t: Target, s: MatmulSpec) -> str | None:
 
 
 _DOT4_GROUP = {("uint8", "int8"): DOT4.group, ("int8", "int4"): NIB8.group}
+# Which CPUs get the dot4 layout for a pair: those with a hand kernel that reads it (VNNI's
+# vpdpbusd; AVX2's vpmaddwd for uint8 x int8), so a layer the kernel refuses keeps the layout
+# its neighbours were packed in (generic schedule).
+_DOT4_FEATURES = {("uint8", "int8"): ("avx512_vnni", "avx2"), ("int8", "int4"): ("avx512_vnni",)}
 
 
 def _dot4_layout(t: Target, s: MatmulSpec) -> str | None:
@@ -165,7 +181,11 @@ def _dot4_layout(t: Target, s: MatmulSpec) -> str | None:
         return "the dot4 layout serves uint8 x int8 and int8 x int4"
     if s.k_pad % group:
         return f"K padded to {s.k_pad}, not a multiple of {group}"
-    return None if t.has("avx512_vnni") else "needs AVX-512 VNNI"
+    features = _DOT4_FEATURES[(s.activation, s.weight)]
+    return None if any(t.has(f) for f in features) else "needs " + " or ".join(_FEATURE_NAMES[f] for f in features)
+
+
+_FEATURE_NAMES = {"avx512_vnni": "AVX-512 VNNI", "avx2": "AVX2"}
 
 
 def _always(t: Target, s: MatmulSpec) -> str | None:
@@ -179,6 +199,7 @@ def _cpu_generic(func: tirx.PrimFunc) -> tirx.PrimFunc:
 CPU_RULES = (
     Rule("avx512-int4-gemv", False, _int4_gemv, x86.int4_gemv),  # table-lookup nibble decode
     Rule("vnni-u8s8-gemm", True, _vnni_u8s8, x86.u8s8_dot4_gemm),  # vpdpbusd, W8A8
+    Rule("avx2-u8s8-gemm", True, _avx2_u8s8, avx2.u8s8_dot4_gemm),  # exact vpmaddwd on int16, W8A8
     Rule("vnni-w4a8-gemm", True, _vnni_w4a8, x86.w4a8_dot4_gemm),  # vpdpbusd on biased nibbles
     Rule("dot4-generic", True, _dot4_layout, _cpu_generic),  # the VNNI layout, the generic schedule
     Rule("generic", None, _always, _cpu_generic),
