@@ -98,13 +98,16 @@ def _rotation_line(rot: dict | None) -> str:
 
 
 def _rotation_choice(rot: dict | None) -> str:
-    """format=auto measures the model with and without rotation and keeps the better one."""
+    """format=auto, and a recipe whose default rotates, measure the model with and without
+    rotation and keep the better one (a recipe: on the held-out calibration samples)."""
     tried = (rot or {}).get("chosen_from")
     if not tried:
-        return ""
-    parts = "; ".join(f"{m}: SQNR {format_db(v['output_sqnr_db'])} dB at {_fmt(v['avg_weight_bits'], 2)} bits, goal met "
-                      f"{v['goal_met']}" for m, v in tried.items())
-    return f" — chosen after measuring both ({parts})"
+        return f" — {rot['choice']}" if (rot or {}).get("choice") else ""
+    parts = "; ".join(f"{m}: SQNR {format_db(v['output_sqnr_db'])} dB"
+                      + (f" at {_fmt(v['avg_weight_bits'], 2)} bits, goal met {v['goal_met']}" if "avg_weight_bits" in v
+                         else f", cosine {_fmt(v['output_cosine'], 5)}")
+                      for m, v in tried.items())
+    return f" — {rot.get('choice', 'chosen')} after measuring both ({parts})"
 
 
 def _names(names: list, shown: int = 3) -> str:
