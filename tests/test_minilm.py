@@ -16,7 +16,8 @@ from tests.conftest import export_model
 
 pytestmark = pytest.mark.slow
 
-# int8 and w4a4 run with the default rotation (auto): the floors of the rotation issue apply.
+# int8 and w4a4 run with the default rotation (auto, kept where it lowers the held-out calibration
+# error): the floors of the rotation issue apply.
 FLOORS = {"w8a16": 0.999, "int8": 0.998, "int4": 0.98, "fp8": 0.998, "w4a8": 0.98, "w4a4": 0.90, "fp8-e5m2": 0.985}
 
 
@@ -35,8 +36,8 @@ def test_minilm_recipe_meets_its_floor_on_held_out_sentences(minilm, fmt):
     out = minilm / f"{fmt}.lpc"
     start = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "lpcompile.cli", str(minilm / "minilm.onnx"), "--format", fmt,
-                        "--calibration", str(minilm / "minilm.calib"), "-o", str(out), "-q"],
-                       capture_output=True, text=True, timeout=600)
+                        "--calibration", str(minilm / "minilm.calib"), "--emit", "onnx", "-o", str(out), "-q"],
+                       capture_output=True, text=True, timeout=1200)
     seconds = time.perf_counter() - start
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "report.json").read_text())
@@ -46,7 +47,8 @@ def test_minilm_recipe_meets_its_floor_on_held_out_sentences(minilm, fmt):
           f"weights {report['totals']['weight_bytes'] / report['totals']['weight_bytes_fp32']:.3f}x, {seconds:.1f}s")
     assert cos >= FLOORS[fmt]
     assert report["totals"]["layers_quantized"] == 39  # 36 linear layers + 3 embedding tables
-    if fmt in ("int8", "w4a4", "int4", "w4a8"):
-        assert report["rotate"]["mode"] == "auto"
+    if fmt in ("int8", "w4a4", "int4", "w4a8"):  # their default rotation is measured, kept or dropped
+        assert set(report["rotate"]["chosen_from"]) == {"auto", "off"}
+        print(f"{fmt}: rotation {report['rotate']['choice']}: {report['rotate']['chosen_from']}")
     if fmt in ("int4", "w4a8"):
         assert report["totals"]["weight_bytes"] < 0.15 * report["totals"]["weight_bytes_fp32"]
