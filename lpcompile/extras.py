@@ -19,7 +19,8 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "tvm": ("apache-tvm", "tvm"),
     "torch": ("torch", "torch"),
     "openvino": ("openvino", "openvino"),
-}  # torch-mlir: no entry point uses it yet (the `mlir` backend of DESIGN.md is not written)
+    "torch_mlir": ("torch-mlir", "mlir"),  # MLIR output (lpcompile.backends.mlir)
+}
 
 
 class MissingExtra(LpcompileError):
