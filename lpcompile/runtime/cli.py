@@ -1,5 +1,7 @@
 """`lpcompile run OUT_DIR --inputs x.npz [-o out.npz]` and `lpcompile bench OUT_DIR [--batch N]
-[--seq L] [--warmup W] [--repeat R] [--json]`: run a compiled artifact without the compiler.
+[--seq L] [--warmup W] [--repeat R] [--json] [--profile [--profile-out FILE.json]]`: run a compiled
+artifact without the compiler; `--profile` breaks a run down per op type and per kernel
+(`runtime.profile`), as a table (JSON with --json, or written to a new FILE.json).
 
 Bad input (no artifact, a corrupted one or one this CPU cannot run, unreadable or mismatched
 inputs, an -o that cannot be written) exits with status 2 and one line on stderr, before anything
@@ -39,6 +41,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--warmup", type=int, default=5)
         p.add_argument("--repeat", type=int, default=50)
         p.add_argument("--json", action="store_true", help="print the result as JSON")
+        p.add_argument("--profile", action="store_true", help="time each kernel and op type (Relax VM instrument)")
+        p.add_argument("--profile-out", metavar="FILE.json", help="with --profile: also write the profile here (a new file)")
     return p
 
 
@@ -65,6 +69,29 @@ def _output_path(name: str) -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ArtifactError(f"cannot write outputs to {path}: {parent} is not writable")
     return path
+
+
+def _new_json_path(name: str) -> Path:
+    """Where --profile-out writes: a new file in a writable directory (nothing is overwritten)."""
+    from lpcompile.runtime.tvm import ArtifactError
+
+    path = Path(name)
+    if path.exists():
+        raise ArtifactError(f"--profile-out {path}: already exists (give a new file name)")
+    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ArtifactError(f"--profile-out {path}: {path.parent} is not a writable directory")
+    return path
+
+
+def _write_new(path: Path, text: str) -> None:
+    """Create `path` (refusing one that appeared meanwhile) and write `text` to it."""
+    from lpcompile.runtime.tvm import ArtifactError
+
+    try:
+        with open(path, "x") as f:
+            f.write(text)
+    except OSError as e:
+        raise ArtifactError(f"cannot write {path}: {e.strerror or type(e).__name__}") from None
 
 
 def _save_npz(path: Path, arrays: dict) -> None:
@@ -122,6 +149,20 @@ def main(argv: list[str]) -> int:
             return 0
         if args.batch < 1 or args.seq < 1 or args.repeat < 1 or args.warmup < 0:
             raise ArtifactError("--batch, --seq and --repeat must be positive, --warmup not negative")
+        if args.profile_out and not args.profile:
+            raise ArtifactError("--profile-out needs --profile")
+        profile_out = _new_json_path(args.profile_out) if args.profile_out else None  # refused before running
+        if args.profile:
+            from lpcompile.runtime.profile import render
+
+            result = model.profile(feeds, repeat=args.repeat, batch=args.batch, seq=args.seq)
+            result = {"artifact": str(args.artifact), "format": model.manifest.get("format"),
+                      "target": model.manifest.get("target"), "cpu": (model.manifest.get("cpu_features") or {}).get("cpu"),
+                      **result}
+            if profile_out:
+                _write_new(profile_out, json.dumps(result, indent=2) + "\n")
+            print(json.dumps(result) if args.json else render(result))
+            return 0
         result = model.benchmark(feeds, warmup=args.warmup, repeat=args.repeat, batch=args.batch, seq=args.seq)
     except (ArtifactError, ValueError, KeyError, RuntimeError, OSError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

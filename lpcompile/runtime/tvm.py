@@ -315,3 +315,13 @@ class TvmModel:
             "repeat": repeat,
             "input_shapes": {k: list(np.shape(v)) for k, v in feeds.items()},
         }
+
+    def profile(self, inputs: dict | None = None, repeat: int = 10, batch: int = 1, seq: int = 128) -> dict:
+        """Time per kernel and per op type over `repeat` runs (`runtime.profile`), with the input
+        shapes."""
+        from lpcompile.runtime.profile import profile_calls
+
+        feeds = inputs if inputs is not None else self.example_inputs(batch, seq)
+        arrays = self._feeds((), dict(feeds))
+        result = profile_calls(lambda: self._invoke(arrays), repeat, self._vm.set_instrument, self.device.sync)
+        return {"input_shapes": {k: list(np.shape(v)) for k, v in feeds.items()}, **result}
