@@ -253,11 +253,16 @@ class MeetMinCosine(ir.passes.FunctionalPass):
             # 0.99503 on 56 held-out calibration sentences was 0.99438 on 224 evaluation sentences).
             mean = float(samples.mean())
             cos = mean - 1.645 * float(samples.std(ddof=1)) / math.sqrt(len(samples)) if len(samples) > 1 else mean
+            stat = getattr(self.select.goal, "stat", "mean")  # a tail goal checks its own statistic
+            if stat != "mean":
+                cos = float(samples.min()) if stat == "min" else float(np.percentile(samples, 5))
             bits = plan.totals["weight_bits"]
             tried.add(tuple(str(c.weights) for c in plan.layers))
             history.append({"solved_for_cosine": 1.0 - loss_goal, "predicted_cosine": plan.totals.get("predicted_cosine"),
                             "measured_cosine": mean, "measured_cosine_lower_bound": cos, "samples": len(samples),
-                            "avg_weight_bits": plan.totals.get("avg_weight_bits")})
+                            "avg_weight_bits": plan.totals.get("avg_weight_bits"), "stat": stat,
+                            "measured_cosine_min": float(samples.min()),
+                            "measured_cosine_p5": float(np.percentile(samples, 5))})
             if cos >= target and (met is None or bits < met[1].totals["weight_bits"]):
                 met = (qdq, plan, cos)
             if best is None or cos > best[2]:
@@ -267,7 +272,7 @@ class MeetMinCosine(ir.passes.FunctionalPass):
             loss_goal = (1.0 - target) * ratio * (0.95 if cos < target else 1.0)
             if met is not None and cos < target:
                 break  # loosening overshot: keep the cheapest plan that met the target
-            goal = type(self.select.goal)(min(max(1.0 - loss_goal, 1e-6), 1 - 1e-12), tokens=self.select.goal.tokens)
+            goal = dataclasses.replace(self.select.goal, value=min(max(1.0 - loss_goal, 1e-6), 1 - 1e-12))
             try:
                 plan = dataclasses.replace(self.select, goal=goal).solve(layers, plan.sensitivity)
             except LpcompileError:
@@ -275,7 +280,7 @@ class MeetMinCosine(ir.passes.FunctionalPass):
             if tuple(str(c.weights) for c in plan.layers) in tried:
                 break
         qdq, plan, cos = met or best
-        plan.budget = {"kind": "min_cosine", "value": user_target, "checked_against": target,
+        plan.budget = {"kind": "min_cosine", "value": user_target, "checked_against": target, "stat": stat,
                        "solved_for": plan.budget.get("value")}
         plan.totals["verification"] = history
         plan.totals["measured_cosine_lower_bound"] = cos
