@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-tokens", type=int, metavar="M",
                    help="--format auto: rows (tokens) at which layers with a dynamic row count are timed "
                         "(default 1, a decode step; an encoder over sentences: their typical length)")
+    p.add_argument("--cosine-stat", choices=["mean", "p5", "min"], default=None,
+                   help="--min-cosine: the per-sample cosine statistic that must reach C: mean (default), p5 (the "
+                        "5th percentile) or min (the worst held-out sample)")
     p.add_argument("--plan", metavar="FILE",
                    help="--format auto: a plan.json to reuse (alone) or whose pins to respect (with a goal)")
     p.add_argument("-o", "--output", help="output directory (default: <model-stem>.lpc next to the model): new, empty, or a "

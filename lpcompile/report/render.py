@@ -27,7 +27,7 @@ def to_markdown(report: dict) -> str:
         f"- weights of the quantized layers: {_mb(t['weight_bytes'])} vs {_mb(t['weight_bytes_fp32'])} in fp32 "
         f"({ratio:.3f}×); {_model_ratio_text(t)}",
         f"- output vs float: SQNR {format_db(t['output_sqnr_db'])} dB, cosine {_fmt(t['output_cosine'], 5)}"
-        f" (min {_fmt(t['output_cosine_min'], 5)})" + (f", measured on {measured['text']}" if measured else ""),
+        f" (p5 {_fmt(t.get('output_cosine_p5'), 5)}, min {_fmt(t['output_cosine_min'], 5)})" + (f", measured on {measured['text']}" if measured else ""),
         _rotation_line(report.get("rotate")),
         "- stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["stages_seconds"].items()),
         "",
@@ -133,7 +133,7 @@ def select_markdown(sel: dict) -> list[str]:
 
     b, p, a = sel["budget"], sel["predicted"], sel["achieved"]
     goal = {"bits": f"average weight bits <= {b.get('value')}", "bytes": f"weight bytes <= {b.get('value')}",
-            "min_cosine": f"mean output cosine >= {b.get('value')}",
+            "min_cosine": f"{b.get('stat', 'mean')} output cosine >= {b.get('value')}",
             "latency": f"linear kernels' latency <= {b.get('value')} us at {b.get('tokens')} tokens"}.get(
                 b.get("kind"), "reused plan")
     lines = [
