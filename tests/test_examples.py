@@ -42,7 +42,7 @@ def test_cli_example(tmp_path):
     ("graphsurgeon.py", ("onnx_graphsurgeon",), False),
     pytest.param("tvm_relax.py", ("tvm",), True, marks=pytest.mark.slow),
     pytest.param("torch_compile.py", ("torch", "tvm"), False, marks=pytest.mark.slow),
-    ("mlir.py", ("torch_mlir",), True),
+    pytest.param("mlir.py", ("torch_mlir",), True, marks=pytest.mark.slow),  # tests/backends/test_mlir.py: fast
 ])
 def test_example_runs(script, needs, takes_dir, tmp_path):
     for module in needs:

@@ -26,7 +26,7 @@ from tiny_model import calibration, mlp_model  # noqa: E402
     ("w8a16", {"per-channel int8 weights": 2}),
     ("int8", {"per-channel int8 weights": 2}),  # + uint8 activation Q/DQ, which torch-mlir lowers itself
     ("int4", {"blocked (one block) int4 weights": 1, "blocked int4 weights": 1}),  # K = 64 < 128: one block
-    ("w4a8", None),
+    pytest.param("w4a8", None, marks=pytest.mark.slow),  # per-token activations as arithmetic (portable form)
 ])
 def test_emitted_mlir_runs_like_onnxruntime(fmt, rewritten, tmp_path):
     art = lpcompile.compile(mlp_model(), format=fmt, calibration=[calibration()], emit=("onnx", "mlir"))
