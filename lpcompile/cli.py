@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("run", "bench"):  # artifacts: no compiler imported
+    if argv and argv[0] in ("run", "bench", "generate"):  # artifacts: no compiler imported
         from lpcompile.runtime.cli import main as runtime_main
 
         return runtime_main(argv)

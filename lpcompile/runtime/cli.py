@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
-COMMANDS = ("run", "bench")
+COMMANDS = ("run", "bench", "generate")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,6 +32,16 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("artifact", help="output directory of `lpcompile MODEL ... --emit tvm`")
         p.add_argument("--inputs", required=True, help=".npz with one array per model input (by name)")
         p.add_argument("-o", "--output", help="write the outputs to this .npz")
+    elif command == "generate":
+        p = _Parser(prog="lpcompile generate", description="Generate token ids from a KV-cache step artifact.")
+        p.add_argument("artifact", help="output directory of `lpcompile STEP.onnx ... --emit tvm` (models/kv_llama.py)")
+        p.add_argument("--prompt-ids", required=True, help="comma-separated prompt token ids, e.g. 1,2,3")
+        p.add_argument("--max-new-tokens", type=int, default=32)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+        p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--onnxruntime", action="store_true", help="run the artifact's model.qdq.onnx in onnxruntime "
+                       "(the reference) instead of the compiled library")
     else:
         p = _Parser(prog="lpcompile bench", description="Latency percentiles and throughput of a compiled artifact.")
         p.add_argument("artifact", help="output directory of `lpcompile MODEL ... --emit tvm`")
@@ -43,6 +53,10 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print the result as JSON")
         p.add_argument("--profile", action="store_true", help="time each kernel and op type (Relax VM instrument)")
         p.add_argument("--profile-out", metavar="FILE.json", help="with --profile: also write the profile here (a new file)")
+        p.add_argument("--decode", action="store_true", help="a KV-cache step artifact: prefill and decode tok/s, "
+                       "time to first token, peak memory (greedy over random prompt ids)")
+        p.add_argument("--prompt-len", type=int, default=128, help="with --decode: prompt tokens (default 128)")
+        p.add_argument("--new-tokens", type=int, default=64, help="with --decode: generated tokens (default 64)")
     return p
 
 
@@ -127,7 +141,8 @@ def main(argv: list[str]) -> int:
     from lpcompile.extras import MissingExtra, require
 
     try:  # artifacts run on TVM's runtime: one line naming the extra, before anything is read
-        require("tvm", "running a compiled artifact" if command == "run" else "timing a compiled artifact")
+        if not (command == "generate" and args.onnxruntime):
+            require("tvm", "timing a compiled artifact" if command == "bench" else "running a compiled artifact")
     except MissingExtra as e:
         print(f"lpcompile {command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -137,6 +152,8 @@ def main(argv: list[str]) -> int:
     try:
         if not Path(args.artifact).is_dir():
             raise ArtifactError(f"no such artifact directory: {args.artifact}")
+        if command == "generate" or getattr(args, "decode", False):
+            return _generate(command, args)
         output = _output_path(args.output) if command == "run" and args.output else None  # refused before running
         model = load(args.artifact)
         feeds = _load_npz(args.inputs) if args.inputs else None
@@ -179,6 +196,55 @@ def main(argv: list[str]) -> int:
               f"p50 {result['p50_ms']:.3f} ms, p90 {result['p90_ms']:.3f} ms, p99 {result['p99_ms']:.3f} ms, "
               f"throughput {result['throughput_per_s']:.1f} samples/s over {result['repeat']} runs")
     return 0
+
+
+def _generate(command: str, args) -> int:
+    """`generate` (token ids streamed to stdout, one line) and `bench --decode`."""
+    from lpcompile.runtime.generate import Generator, OrtStep, bench_decode, parse_token_ids
+
+    if command == "generate":
+        prompt = parse_token_ids(args.prompt_ids)
+        if args.max_new_tokens < 1 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
+            raise ValueError("--max-new-tokens and --top-k must be positive, --temperature not negative")
+        if args.onnxruntime:
+            step = OrtStep(args.artifact)
+        else:
+            from lpcompile.runtime import load
+
+            step = load(args.artifact)
+        gen = Generator(step)
+        vocab = _vocab(gen)
+        if vocab and max(prompt) >= vocab:
+            raise ValueError(f"--prompt-ids: token id {max(prompt)} is outside the vocabulary of {vocab}")
+        for i, token in enumerate(gen.generate(prompt, args.max_new_tokens, temperature=args.temperature,
+                                               top_k=args.top_k, seed=args.seed)):
+            print(("," if i else "") + str(token), end="", flush=True)
+        print()
+        s = gen.stats.summary()
+        print(f"{s['prompt_tokens']} prompt tokens, {s['generated_tokens']} generated: time to first token "
+              f"{s['time_to_first_token_ms']:.1f} ms, decode {s['decode_tok_s'] or 0:.1f} tok/s", file=sys.stderr)
+        return 0
+    if args.prompt_len < 1 or args.new_tokens < 2 or args.repeat < 1:
+        raise ValueError("--prompt-len must be positive, --new-tokens at least 2, --repeat positive")
+    from lpcompile.runtime import load
+
+    result = bench_decode(load(args.artifact), args.prompt_len, args.new_tokens, repeat=min(args.repeat, 3))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.artifact}: prompt {args.prompt_len}, {args.new_tokens} new tokens: prefill {result['prefill_tok_s']:.1f} "
+              f"tok/s, decode {result['decode_tok_s']:.1f} tok/s, time to first token {result['time_to_first_token_ms']:.1f} ms, "
+              f"peak memory {result['peak_rss_mb']:.0f} MB (KV cache {result['kv_cache_mb']:.1f} MB)")
+    return 0
+
+
+def _vocab(gen) -> int | None:
+    manifest = getattr(getattr(gen.step, "model", None), "manifest", None)
+    if manifest:
+        shape = next((o["shape"] for o in manifest["outputs"] if o["name"] == gen.sig.logits), None)
+        return shape[-1] if shape and isinstance(shape[-1], int) else None
+    out = next((o for o in gen.step.session.get_outputs() if o.name == gen.sig.logits), None)
+    return out.shape[-1] if out is not None and isinstance(out.shape[-1], int) else None
 
 
 if __name__ == "__main__":

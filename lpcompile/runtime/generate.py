@@ -265,3 +265,34 @@ def parse_token_ids(text: str) -> list[int]:
     if not ids or any(t < 0 for t in ids):
         raise GenerationError(f"--prompt-ids must be comma-separated non-negative integers, got {text!r}")
     return ids
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MB)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def bench_decode(model, prompt_len: int = 128, new_tokens: int = 64, repeat: int = 3, seed: int = 0) -> dict:
+    """Greedy generation from a random prompt, `repeat` times after one warm-up: the median
+    prefill tok/s, decode tok/s and time to first token, and the process's peak memory."""
+    gen = Generator(model)
+    vocab = None
+    manifest = getattr(getattr(gen.step, "model", None), "manifest", None) or {}
+    for o in manifest.get("outputs", []):
+        if o["name"] == gen.sig.logits and isinstance(o["shape"][-1], int):
+            vocab = o["shape"][-1]
+    prompt = np.random.default_rng(seed).integers(0, vocab or 1000, prompt_len).tolist()
+    runs = []
+    for i in range(repeat + 1):
+        for _ in gen.generate(prompt, new_tokens):
+            pass
+        if i:  # the first run warms up
+            runs.append(gen.stats.summary())
+    med = {k: float(np.median([r[k] for r in runs])) for k in ("prefill_tok_s", "decode_tok_s", "time_to_first_token_ms",
+                                                               "decode_ms_per_token_p50")}
+    return {**med, "prompt_tokens": prompt_len, "new_tokens": new_tokens, "repeat": repeat,
+            "kv_cache_mb": gen.cache.nbytes / 2**20, "peak_rss_mb": peak_rss_mb()}
