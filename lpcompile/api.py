@@ -181,6 +181,7 @@ def compile(
     edit_pipeline: Callable[[Pipeline], Any] | None = None,
     smooth: str | float | None = None,
     awq: str = "off",
+    sparsity: str | None = None,
 ) -> CompiledModel:
     """Quantize `model` (path, ModelProto, IR model or torch module) for `target` (a spec:
     `lpcompile.targets`) with the recipe `format`, or with `format="auto"` a per-layer plan.
@@ -199,6 +200,8 @@ def compile(
     searched per site), "off", or a fixed α in [0, 1] (None: `Recipe.default_smooth`).
     `awq`: activation-aware weight scaling ("scale"), GPTQ with output-error clipping per group
     ("clip"), both ("auto") or "off" (`lpcompile.passes.awq`).
+    `sparsity`: "2:4", "4:8" or a pruned share ("0.5"), optionally ":wanda" / ":magnitude", for
+    every dense layer of a recipe (`lpcompile.passes.sparsify`; a plan.json sets it per layer).
     Every argument is checked before any work; bad ones raise `LpcompileError` (one line)."""
     arguments = dict(locals())  # what a rotation choice compiles again with (see _choose_rotation)
     auto = format == AUTO
@@ -219,6 +222,7 @@ def compile(
     if rotate is not None and rotate not in ROTATE_MODES:
         raise LpcompileError(f"unknown rotate mode {rotate!r}; choose one of: {', '.join(ROTATE_MODES)}")
     recipe = None if auto else get_recipe(format)
+    sparsity = _check_sparsity(sparsity, auto, calibration)
     smooth = check_smooth(smooth, recipe)
     if awq not in AWQ_MODES or awq != "off" and recipe is None:
         raise LpcompileError(f"awq must be one of {', '.join(AWQ_MODES)} with a named recipe, got {awq!r}"
@@ -276,7 +280,7 @@ def compile(
     verify = check if goal is not None and goal.holdout_every else None
     pipeline = build_pipeline(recipe=recipe, goal=goal, plan=user_plan, target=tgt, rotate=rotate, data=fit,
                               rotate_data=fit, check=verify, exclude=tuple(exclude), batch_size=batch_size,
-                              progress=progress, smooth=smooth, awq=awq)
+                              progress=progress, smooth=smooth, awq=awq, sparsity=sparsity)
     if edit_pipeline is not None:
         edit_pipeline(pipeline)
     qdq = float_model.clone()  # new nodes and values, the same tensors: the float model stays the reference
@@ -339,6 +343,22 @@ def _plain_json(obj):
     if isinstance(obj, (list, tuple)):
         return [_plain_json(v) for v in obj]
     return obj.item() if hasattr(obj, "item") else obj
+
+
+def _check_sparsity(sparsity: str | None, auto: bool, calibration: Any) -> str | None:
+    """The sparsity pattern to apply to every dense layer (normalised), or a one-line refusal."""
+    if sparsity is None:
+        return None
+    from lpcompile.passes.sparsify import SparsityPattern
+
+    pattern = SparsityPattern.parse(sparsity)
+    if auto:
+        raise LpcompileError("sparsity applies to a recipe (--format int8, int4, ...); with format auto a "
+                             "plan.json sets it per layer")
+    if pattern.criterion != "magnitude" and calibration is None:
+        raise LpcompileError(f"sparsity {pattern} ({pattern.criterion}) needs calibration data "
+                             f"(--calibration); {pattern}:magnitude does not")
+    return str(pattern)
 
 
 def _plan_formats(plan: Plan) -> set[str]:

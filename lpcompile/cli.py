@@ -76,6 +76,16 @@ def _smooth_arg(text: str) -> str | float:
 DEFAULT_EMIT = ("onnx", "tvm")
 
 
+def _sparsity_arg(text: str) -> str:
+    from lpcompile.errors import FormatError
+    from lpcompile.passes.sparsify import SparsityPattern
+
+    try:
+        return str(SparsityPattern.parse(text))
+    except FormatError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lpcompile.api import EMITS
     from lpcompile.recipes import RECIPES
@@ -128,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--awq", choices=["off", "scale", "clip", "auto"], default="off",
                    help="activation-aware weight quantization with GPTQ: per-channel scaling searched on the "
                         "calibration data (scale), each group's clipping by its output error (clip), or both (auto)")
+    p.add_argument("--sparsity", type=_sparsity_arg, default=None, metavar="N:M|RATIO",
+                   help="prune every dense linear layer (2:4, 4:8 along the input axis, or a share such as 0.5), "
+                        "error-compensated on the calibration data and jointly with the recipe's rounding; "
+                        "append :wanda or :magnitude for the cheap criteria")
     p.add_argument("--emit", default=None,
                    help=f"comma-separated outputs ({', '.join(EMITS)}); default {','.join(DEFAULT_EMIT)}: the QDQ model "
                         "and the TVM artifact for the target (a compiler's command compiles); onnx: the QDQ model alone")
@@ -179,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             plan=args.plan,
             smooth=args.smooth,
             awq=args.awq,
+            sparsity=args.sparsity,
         )
         result.save(out, portable=not args.qdq_functions)
     except LpcompileError as e:

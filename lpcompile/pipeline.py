@@ -40,6 +40,7 @@ from lpcompile.passes.quantize import Quantize, UniformPlan
 from lpcompile.passes.rotate import Rotate
 from lpcompile.passes.awq import AwqScale
 from lpcompile.passes.smooth import Smooth
+from lpcompile.passes.sparsify import Sparsify
 from lpcompile.passes.select import LatencyCosts, Select, option_key, spec_text
 from lpcompile.plan import PLAN_KEY, Plan
 from lpcompile.progress import Progress
@@ -421,12 +422,14 @@ def build_pipeline(*, recipe=None, goal: Goal | None = None, plan: Plan | None =
                    rotate: str = "off", data: CalibrationData | None = None, rotate_data: CalibrationData | None = None,
                    check: CalibrationData | None = None,
                    exclude: Sequence[str] = (), batch_size: int = 8, progress: Progress | None = None,
-                   smooth: str | float = "off", awq: str = "off") -> Pipeline:
+                   smooth: str | float = "off", awq: str = "off", sparsity: str | None = None) -> Pipeline:
     """The passes `compile` runs: [rotate] -> keep reference -> [calibrate] -> plan (a recipe's
     uniform plan, select under `goal`, or the user's `plan`) -> quantize -> cleanup.
     `data`: the calibration batches statistics and GPTQ fit on; `rotate_data`: what the rotate
     pass measures outliers on (default `data`); `check`: batches held out to verify a goal with
-    `holdout_every` (MinCosine). `target`: a parsed `lpcompile.targets.Target`."""
+    `holdout_every` (MinCosine). `target`: a parsed `lpcompile.targets.Target`. `sparsity`: a
+    pattern for every dense layer of the recipe's plan; a sparsify pass runs before quantize when
+    it is given or the user's plan asks for sparsity."""
     passes = []
     if smooth != "off" and data is not None and recipe is not None and recipe.activations is not None:
         # before rotation: once rotated, a norm's output reaches its linears through an online
@@ -441,11 +444,11 @@ def build_pipeline(*, recipe=None, goal: Goal | None = None, plan: Plan | None =
         passes.append(_named(Rotate(mode=rotate, data=rotate_data or data, batch_size=batch_size), "rotate"))
     passes.append(_named(KeepReference(), "keep-reference"))
     if data is not None:
-        gram_for = None if recipe is None or recipe.method in ("gptq", "gptq-clip") else frozenset()
+        gram_for = None if recipe is None or recipe.method in ("gptq", "gptq-clip") or sparsity else frozenset()
         passes.append(_named(Calibrate(data, batch_size, gram_for, _step(progress, "calibrate")), "calibrate"))
     tokens = goal.tokens if goal is not None else 1
     if recipe is not None:
-        passes.append(_named(UniformPlan.from_recipe(recipe, exclude), "plan"))
+        passes.append(_named(UniformPlan.from_recipe(recipe, exclude, sparsity), "plan"))
     elif goal is not None:
         select = Select(data, goal, batch_size=max(batch_size, 16), plan=plan, **target.select_options(),
                         rotation=rotate, progress=progress, cache=True)
@@ -456,6 +459,8 @@ def build_pipeline(*, recipe=None, goal: Goal | None = None, plan: Plan | None =
             passes.append(_named(MeetMinCosine(select, check, batch_size, progress=progress), "quantize"))
     else:
         passes.append(_named(ApplyPlan(plan), "plan"))
+    if sparsity or plan is not None and any(c.sparsity for c in plan.layers):
+        passes.append(_named(Sparsify(data=data, batch_size=batch_size), "sparsify"))
     if goal is None or not goal.holdout_every:
         passes.append(_named(Quantize(progress=_step(progress, "quantize")), "quantize"))
     passes.append(_named(Cleanup(), "cleanup"))

@@ -48,7 +48,9 @@ import onnx_ir as ir
 from lpcompile.errors import FormatError, PassError
 from lpcompile.formats import IntFormat, PerBlock, PerChannel, QuantSpec
 from lpcompile.ir import DOMAIN, upgrade_opset
+from lpcompile.calibration_data import CalibrationData
 from lpcompile.ir.patterns import LAYER_NAME_KEY, LinearLayer, find_linear_layers
+from lpcompile.ir.run import OrtRunner
 from lpcompile.ir.store import read_weight
 from lpcompile.passes.calibrate import CALIBRATION_KEY, Calibration
 from lpcompile.passes.quantize import (ACTIVATION_FORMAT_KEY, METHOD_KEY, METHOD_NOTE_KEY, QDQ_OPSET,
@@ -295,6 +297,8 @@ class Sparsify(ir.passes.InPlacePass):
 
     plan: Plan | None = None
     damp: float = 0.01
+    data: CalibrationData | None = None  # re-measure each layer's XᵀX on the model pruned so far
+    batch_size: int = 8
     stats: Counter = field(default_factory=Counter, compare=False)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -317,9 +321,19 @@ class Sparsify(ir.passes.InPlacePass):
         upgrade_opset(model, QDQ_OPSET)  # as Quantize would (it rebuilds nodes): before ours exist
         todo = [(layer, plan.choice(layer.name)) for layer in find_linear_layers(model.graph) if layer.name in wanted]
         activation_qdq: dict[tuple[str, str], ir.Value] = {}
+        measured: dict[str, np.ndarray] = {}
         for layer, choice in todo:
             pattern = SparsityPattern.parse(choice.sparsity)
             gram = _gram(layer, calibration)
+            if self.data is not None and layer.activation is not None and _needs_gram(pattern, choice):
+                # Sequential (as SparseGPT runs): the input statistics of this layer are measured on
+                # the model with every earlier layer already pruned (and quantized), so each layer
+                # compensates the error that reaches it, not the float model's inputs.
+                if layer.activation.name not in measured:
+                    measured.clear()
+                    measured[layer.activation.name] = self._measure_gram(model, layer.activation.name)
+                    self.stats["sequential measurements"] += 1
+                gram = measured[layer.activation.name]
             if pattern.criterion in ("sparsegpt", "wanda") and gram is None:
                 raise PassError(f"sparsity {pattern} of layer {layer.name} needs calibration statistics (XᵀX) first")
             stored = read_weight(layer.weight.const_value)
@@ -349,6 +363,22 @@ class Sparsify(ir.passes.InPlacePass):
         _drop_unused(model.graph)
         model.graph.sort()
         return ir.passes.PassResult(model, modified=True)
+
+
+    def _measure_gram(self, model: ir.Model, name: str) -> np.ndarray:
+        """XᵀX of the value `name` over `data`, on the model as it is now."""
+        _drop_unused(model.graph)  # the weights replaced so far (onnxruntime refuses unused handed-over weights)
+        runner = OrtRunner(model, extra=[name])
+        gram = None
+        for batch in self.data.batches(self.batch_size):
+            x = runner.run(batch)[name]
+            rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
+            gram = rows.T @ rows if gram is None else gram + rows.T @ rows
+        return gram
+
+
+def _needs_gram(pattern: SparsityPattern, choice) -> bool:
+    return pattern.criterion != "magnitude" or choice.weights is not None and choice.method == "gptq"
 
 
 def _gram(layer: LinearLayer, calibration: Calibration | None) -> np.ndarray | None:
