@@ -24,6 +24,7 @@ exporter-specific names.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,6 +159,42 @@ def constant_weight(value: ir.Value | None) -> bool:
         ir.DataType.BFLOAT16,
         ir.DataType.DOUBLE,
     )
+
+
+def conv_gram_key(layer: LinearLayer) -> str:
+    """The calibration-statistics key of a conv's im2col patches (their XᵀX is per layer: two
+    convs reading one tensor with other kernels see other patches)."""
+    return f"{layer.activation.name}@im2col:{layer.name}"
+
+
+def conv_patches(layer: LinearLayer, x: np.ndarray) -> np.ndarray | None:
+    """The im2col patches of a one-group Conv's input x [N, C, *S] as rows [M, K] in the
+    canonical K order (tap-major, channel-minor), so `patches @ layer.canonical(W)` is the conv
+    without bias; None for what has no such matrix here (groups, ConvTranspose, auto_pad SAME)."""
+    c = layer.conv
+    if c is None or c.transpose or c.groups != 1:
+        return None
+    attrs = layer.node.attributes
+    nd = len(c.kernel)
+
+    def ints(key, default):
+        a = attrs.get(key)
+        return list(a.as_ints()) if a is not None else default
+
+    pad = attrs.get("auto_pad")
+    pad = pad.as_string() if pad is not None else "NOTSET"
+    if pad not in ("NOTSET", "VALID"):
+        return None
+    strides, dilations = ints("strides", [1] * nd), ints("dilations", [1] * nd)
+    pads = [0] * (2 * nd) if pad == "VALID" else ints("pads", [0] * (2 * nd))
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
+    xl = np.moveaxis(xp, 1, -1)  # [N, *S', C]
+    out = [(xl.shape[1 + i] - dilations[i] * (c.kernel[i] - 1) - 1) // strides[i] + 1 for i in range(nd)]
+    taps = []
+    for tap in itertools.product(*(range(k) for k in c.kernel)):
+        index = tuple(slice(t * d, t * d + (o - 1) * s + 1, s) for t, d, o, s in zip(tap, dilations, out, strides))
+        taps.append(xl[(slice(None), *index)])
+    return np.concatenate(taps, axis=-1).reshape(-1, layer.in_features)
 
 
 def find_linear_layers(graph: ir.Graph, convs: bool = True) -> list[LinearLayer]:

@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from lpcompile.calibration_data import CalibrationData
 from lpcompile.formats import FloatFormat, IntFormat
-from lpcompile.ir.patterns import find_linear_layers
+from lpcompile.ir.patterns import conv_gram_key, conv_patches, find_linear_layers
 from lpcompile.ir.run import OrtRunner
 
 log = logging.getLogger(__name__)
@@ -129,12 +129,14 @@ class Calibrate(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         start = time.perf_counter()
-        names, conv_inputs = [], set()
+        names, conv_inputs, conv_grams = [], set(), []
         for layer in find_linear_layers(model.graph):
             if layer.activation is not None and layer.activation.name not in names:
                 names.append(layer.activation.name)
-            if layer.kind == "conv" and layer.activation is not None:  # XᵀX over the last axis is not a conv's
-                conv_inputs.add(layer.activation.name)
+            if layer.kind == "conv" and layer.activation is not None:  # XᵀX over the last axis is not a conv's:
+                conv_inputs.add(layer.activation.name)  # its patches' is, under its own key
+                if self.gram_for is None or layer.activation.name in self.gram_for:
+                    conv_grams.append(layer)
         runner = OrtRunner(model, extra=names)
         stats: dict[str, TensorStats] = {}
         total = self.data.num_samples
@@ -147,6 +149,11 @@ class Calibrate(ir.passes.InPlacePass):
                     stats[name] = TensorStats(name, int(x.shape[-1]))
                 want_gram = (self.gram_for is None or name in self.gram_for) and name not in conv_inputs
                 stats[name].update(x, want_gram)
+            for layer in conv_grams:
+                patches = conv_patches(layer, outputs[layer.activation.name])
+                if patches is not None:
+                    key = conv_gram_key(layer)
+                    stats.setdefault(key, TensorStats(key, layer.in_features)).update(patches, True)
             done += len(next(iter(batch.values())))
             if self.progress:
                 self.progress(done, total)

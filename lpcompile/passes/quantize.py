@@ -25,7 +25,7 @@ import onnx_ir as ir
 from lpcompile.errors import PassError
 from lpcompile.formats import MIN_SCALE, FloatFormat, IntFormat, PerBlock, PerChannel, QuantSpec
 from lpcompile.ir import DOMAIN, upgrade_opset
-from lpcompile.ir.patterns import LAYER_NAME_KEY as LAYER_KEY, LinearLayer, conv_weight_spec, find_linear_layers
+from lpcompile.ir.patterns import LAYER_NAME_KEY as LAYER_KEY, LinearLayer, conv_gram_key, conv_weight_spec, find_linear_layers
 from lpcompile.ir.store import new_tensor, read_weight
 from lpcompile.passes.calibrate import CALIBRATION_KEY, Calibration
 from lpcompile.passes.weight_quant import QuantizedWeight, gptq_applies, quantize_weight
@@ -113,8 +113,8 @@ class Quantize(ir.passes.InPlacePass):
         gram = _gram(layer, calibration)
         spec, fitted = conv_weight_spec(layer, choice.weights)  # a conv's blocks stay within one kernel position
         method, note = effective_method(choice.method, spec, gram is not None)
-        if layer.kind == "conv" and method != choice.method:
-            note = f"{choice.method} asked; no XᵀX over a conv's im2col patches is collected, so {method}"
+        if layer.kind == "conv" and gram is None and method != choice.method:
+            note = f"{choice.method} asked; no XᵀX over im2col patches for a grouped or transposed conv, so {method}"
         note = "; ".join(x for x in (fitted, note) if x)
         q = quantize_weight(canonical, spec, method, gram)
         del stored, canonical
@@ -149,7 +149,7 @@ class UniformPlan(ir.passes.InPlacePass):
 def _gram(layer: LinearLayer, calibration: Calibration | None) -> np.ndarray | None:
     if calibration is None or layer.activation is None:
         return None
-    st = calibration.stats.get(layer.activation.name)
+    st = calibration.stats.get(conv_gram_key(layer) if layer.kind == "conv" else layer.activation.name)
     return st.gram if st is not None else None
 
 

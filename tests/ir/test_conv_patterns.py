@@ -70,3 +70,25 @@ def test_does_not_fire_on_runtime_weights_or_grouped_transpose():
     assert find_linear_layers(model.graph) == []
     assert [why_not_linear(n) for n in model.graph] == [
         "Conv weight is not a constant", "grouped ConvTranspose (its weight's output-channel axis is per group)"]
+
+
+@pytest.mark.parametrize("net", [conv2d_net, conv1d_net])
+def test_patches_times_canonical_weight_is_the_conv(net):
+    """`conv_patches(x) @ canonical(W) + b` equals onnxruntime's Conv (what GPTQ's XᵀX is over)."""
+    from lpcompile.ir.patterns import conv_patches
+    from tests.conftest import ort_run
+
+    proto = net()
+    layers = _layers(proto)
+    first = next(iter(layers.values()))
+    x = np.random.default_rng(3).standard_normal([2, *[d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim[1:]]]).astype(np.float32)
+    proto.graph.output.append(onnx.ValueInfoProto(name=f"{first.name}_out"))
+    conv_out = ort_run(proto, {"x": x})[1]
+    rows = conv_patches(first, x)
+    w = first.canonical(first.weight.const_value.numpy())
+    y = rows @ w + first.bias.const_value.numpy()
+    spatial = conv_out.shape[2:]
+    expect = np.moveaxis(conv_out, 1, -1).reshape(-1, conv_out.shape[1])
+    assert rows.shape[0] == 2 * int(np.prod(spatial))
+    np.testing.assert_allclose(y, expect, rtol=1e-4, atol=1e-5)
+    assert conv_patches(layers.get("grouped", first), x) is None or "grouped" not in layers
