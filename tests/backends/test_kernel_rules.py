@@ -50,8 +50,12 @@ def test_first_rule_that_applies_wins_and_the_earlier_ones_say_why_not():
     assert c.rule.name == "generic" and not c.dot4
     assert c.refused["vnni-u8s8-gemm"] == "needs AVX-512 VNNI" and c.refused["avx2-u8s8-gemm"] == "needs AVX2"
     assert c.refused["dot4-generic"] == "needs AVX-512 VNNI or AVX2"
-    # W4A8 keeps the dot4 (nibble8) layout only where VNNI reads it
-    assert choose(AVX2_CPU, MatmulSpec("int8", "int4", k=384, n=1536, block=128)).refused["dot4-generic"] == "needs AVX-512 VNNI"
+    # W4A8: VNNI's kernel, else AVX2's, on the nibble8 layout; without either the plain one
+    w4a8 = MatmulSpec("int8", "int4", k=384, n=1536, block=128)
+    assert choose(VNNI_CPU, w4a8).rule.name == "vnni-w4a8-gemm"
+    c = choose(AVX2_CPU, w4a8)
+    assert c.rule.name == "avx2-w4a8-gemm" and c.dot4 and c.refused["vnni-w4a8-gemm"] == "needs AVX-512 VNNI"
+    assert choose(NO_SIMD_CPU, w4a8).rule.name == "generic"
 
 
 def test_int4_gemv_only_for_one_row():

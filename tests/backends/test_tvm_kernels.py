@@ -409,6 +409,33 @@ def test_vnni_w4a8_is_the_compute_definition(m):
     np.testing.assert_allclose(outs[0], exact, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("m", [1, 3, 32, None])
+def test_avx2_w4a8_is_the_compute_definition(m):
+    """The hand-written AVX2 int8 x int4 kernel (vpmaddubsw on NIB8 nibbles, exact: at most 15 x
+    128 per product) against the generic schedule of the same definition, bit for bit, with the
+    extreme codes (-128 activations, -8 weights), and against the exact integer result."""
+    if not tvm.target.codegen.target_has_features("avx2", TARGET):
+        pytest.skip("needs AVX2")
+    k, n, block = 384, 128, 128
+    rows_ = 7 if m is None else m
+    rng = np.random.default_rng(rows_ + 2)
+    xq = rng.integers(-128, 128, (rows_, k)).astype(np.int8)
+    wq = rng.integers(-8, 8, (k, n)).astype(np.int8)
+    xq[0], wq[:, 0] = -128, -8
+    xs = rng.uniform(0.01, 0.02, rows_).astype(np.float32)
+    ws = rng.uniform(0.01, 0.02, (k // block, n)).astype(np.float32)
+    func = quantized_matmul(m, k, n, weight="int4", activation="int8", block_size=block, dot4=True)
+    assert avx2.applies_w4a8(func, TARGET)
+    hand = tvm.compile(tvm.IRModule({"main": avx2.w4a8_dot4_gemm(func)}), target=TARGET)
+    assert "vpmaddubsw" in hand.mod.inspect_source("asm")
+    generic = tvm.compile(tvm.IRModule({"main": cpu.schedule(func, TARGET, generic_only=True)}), target=TARGET)
+    outs = [run(f["main"], xq, xs, NIB8.pack(wq, k), ws, out_shape=(rows_, n)) for f in (hand, generic)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    exact = sum((xq[:, b * block:(b + 1) * block].astype(np.int64) @ wq[b * block:(b + 1) * block].astype(np.int64))
+                .astype(np.float32) * ws[b] for b in range(k // block)) * xs[:, None]
+    np.testing.assert_allclose(outs[0], exact, rtol=1e-5, atol=1e-6)
+
+
 # --- fp8 x fp8 ----------------------------------------------------------------------------------------
 
 

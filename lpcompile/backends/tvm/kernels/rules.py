@@ -168,11 +168,23 @@ def _vnni_w4a8(t: Target, s: MatmulSpec) -> str | None:
     return None if t.has("avx512_vnni") else "needs AVX-512 VNNI"
 
 
+def _avx2_w4a8(t: Target, s: MatmulSpec) -> str | None:
+    if (s.activation, s.weight) != ("int8", "int4"):
+        return "int8 x int4 only"
+    if s.accumulator_only:
+        return "accumulator-only variant"
+    if s.k % s.block or s.block % NIB8.group:
+        return f"K {s.k} not whole blocks of a multiple of {NIB8.group} ({s.block})"
+    if s.n % NIB8.lanes:
+        return f"N {s.n} not a multiple of {NIB8.lanes}"
+    return None if t.has("avx2") else "needs AVX2"
+
+
 _DOT4_GROUP = {("uint8", "int8"): DOT4.group, ("int8", "int4"): NIB8.group}
 # Which CPUs get the dot4 layout for a pair: those with a hand kernel that reads it (VNNI's
-# vpdpbusd; AVX2's vpmaddwd for uint8 x int8), so a layer the kernel refuses keeps the layout
+# vpdpbusd; AVX2's vpmaddwd / vpmaddubsw), so a layer the kernel refuses keeps the layout
 # its neighbours were packed in (generic schedule).
-_DOT4_FEATURES = {("uint8", "int8"): ("avx512_vnni", "avx2"), ("int8", "int4"): ("avx512_vnni",)}
+_DOT4_FEATURES = {("uint8", "int8"): ("avx512_vnni", "avx2"), ("int8", "int4"): ("avx512_vnni", "avx2")}
 
 
 def _dot4_layout(t: Target, s: MatmulSpec) -> str | None:
@@ -201,6 +213,7 @@ CPU_RULES = (
     Rule("vnni-u8s8-gemm", True, _vnni_u8s8, x86.u8s8_dot4_gemm),  # vpdpbusd, W8A8
     Rule("avx2-u8s8-gemm", True, _avx2_u8s8, avx2.u8s8_dot4_gemm),  # exact vpmaddwd on int16, W8A8
     Rule("vnni-w4a8-gemm", True, _vnni_w4a8, x86.w4a8_dot4_gemm),  # vpdpbusd on biased nibbles
+    Rule("avx2-w4a8-gemm", True, _avx2_w4a8, avx2.w4a8_dot4_gemm),  # vpmaddubsw on biased nibbles (exact)
     Rule("dot4-generic", True, _dot4_layout, _cpu_generic),  # the VNNI layout, the generic schedule
     Rule("generic", None, _always, _cpu_generic),
 )
