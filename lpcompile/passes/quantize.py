@@ -81,7 +81,7 @@ class Quantize(ir.passes.InPlacePass):
                     quantized_weights[key] = self._quantize_weight(model, layer, choice, calibration)
                 value, method, note = quantized_weights[key]
                 layer.node.replace_input_with(0 if layer.kind == "embedding" else 1, value)
-                layer.node.metadata_props[WEIGHT_FORMAT_KEY] = str(choice.weights)
+                layer.node.metadata_props[WEIGHT_FORMAT_KEY] = str(conv_weight_spec(layer, choice.weights)[0])
                 layer.node.metadata_props[METHOD_KEY] = method
                 if note:
                     layer.node.metadata_props[METHOD_NOTE_KEY] = note

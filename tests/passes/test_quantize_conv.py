@@ -105,3 +105,24 @@ def test_weight_bytes_over_a_cnn_are_a_quarter_and_an_eighth(fmt, lo, hi):
     assert totals["layers_quantized"] == 4
     ratio = totals["weight_bytes"] / totals["weight_bytes_fp32"]
     assert lo <= ratio <= hi, ratio
+
+
+@pytest.mark.slow  # select measures every candidate of every layer end to end (~70 s on 2 busy cores)
+def test_format_auto_chooses_per_conv_layer():
+    """`--format auto` measures convs like linear layers (on their im2col patches) and the plan it
+    writes quantizes them; each conv's applied format is its choice fitted to the conv weight."""
+    from lpcompile.goals import Bits
+
+    proto = conv2d_net()
+    art = lpcompile.compile(proto, format="auto", goal=Bits(5.0), rotate="off", calibration=calibration(proto))
+    chosen = {c.name: c for c in art.plan.layers}
+    assert set(chosen) == {"stem", "grouped", "depthwise", "up", "head"}
+    assert sum(c.weights is not None for c in chosen.values()) >= 4
+    assert all("local_weights" in art.plan.sensitivity[n] for n in chosen)
+    feeds = calibration(proto, 1, seed=9)[0]
+    assert sqnr_db(ort_run(proto, feeds)[0], ort_run(art.qdq_model, feeds)[0]) >= 12.0
+    for node in art.qdq_model.graph:
+        c = chosen.get(node.name)
+        if c is not None and c.weights is not None and node.op_type in ("Conv", "ConvTranspose"):
+            applied = node.metadata_props["lpcompile.weight_format"]
+            assert applied.split(":")[0] == c.weights.format.name

@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from lpcompile.errors import PassError
 from lpcompile.formats import MIN_SCALE, PerChannel, PerTensor, QuantSpec, fp8_exmy
-from lpcompile.ir.patterns import LinearLayer, find_linear_layers
+from lpcompile.ir.patterns import LinearLayer, conv_gram_key, conv_patches, conv_weight_spec, find_linear_layers
 from lpcompile.ir.run import OrtRunner
 from lpcompile.metrics import cosine, nsr_to_db, sqnr_db as _sqnr_db
 from lpcompile.passes.calibrate import Calibration
@@ -95,16 +95,19 @@ def measure_sensitivity(model: ir.Model, layers: Sequence[LinearLayer], calibrat
         x = captured.get(layer.name)
         st = calibration.stats.get(layer.activation.name) if layer.activation is not None else None
         gram = st.gram if st is not None else None  # GPTQ where Calibrate recorded XᵀX, as Quantize will
+        if layer.kind == "conv":  # over its im2col patches (x is patches too); per-token scales do not apply
+            gram = getattr(calibration.stats.get(conv_gram_key(layer)), "gram", None)
         s["local_weights"] = {}
         for spec_s in s["weights"]:
             spec = QuantSpec.parse(spec_s)
-            wq = quantize_weight(w, spec, cfg.method, gram).dequantize().astype(np.float32)
-            weight_q[(layer.name, str(spec))] = np.ascontiguousarray(wq.T if layer.transposed else wq)
+            fitted = conv_weight_spec(layer, spec)[0]  # what Quantize will apply to a conv
+            wq = quantize_weight(w, fitted, cfg.method, gram).dequantize().astype(np.float32)
+            weight_q[(layer.name, str(spec))] = np.ascontiguousarray(layer.to_storage(wq))
             s["local_weights"][str(spec)] = _local_sqnr(layer, x, w, wq)
         if layer.kind != "embedding" and x is not None:
             ref = x @ w
             s["local_activations"] = {str(a): _sqnr_db(ref, fake_quantize_activation(x, a, st) @ w) for a in acts
-                                      if st is not None or a.dynamic}
+                                      if (st is not None or a.dynamic) and not (layer.kind == "conv" and a.dynamic)}
             s["exmy"] = _exmy(w, x, st)
             s["outliers"] = _outliers(st, x)
             best = max(DEPLOYABLE_FP8, key=lambda f: s["exmy"]["activations_db"][_exmy_name(f)])
@@ -160,8 +163,7 @@ def _take(data, samples: int, batch_size: int) -> list[dict[str, np.ndarray]]:
 
 
 def _canonical_weight(layer: LinearLayer) -> np.ndarray:
-    stored = layer.weight.const_value.numpy().astype(np.float32)
-    return stored.T if layer.transposed else stored
+    return layer.canonical(layer.weight.const_value.numpy().astype(np.float32))
 
 
 def _capture_inputs(model: ir.Model, layers: Sequence[LinearLayer], batches, rows: int) -> dict[str, np.ndarray]:
@@ -176,15 +178,23 @@ def _capture_inputs(model: ir.Model, layers: Sequence[LinearLayer], batches, row
             names[layer.name] = layer.activation.name
     runner = OrtRunner(model, extra=sorted(set(names.values())))
     seen: dict[str, list[np.ndarray]] = {v: [] for v in set(names.values())}
+    convs = {l.name: l for l in layers if l.kind == "conv" and l.name in names}  # their rows are im2col patches
+    patches_seen: dict[str, list[np.ndarray]] = {name: [] for name in convs}
     for batch in batches:
         out = {**batch, **runner.run(batch)}
+        for name, layer in convs.items():
+            patches = conv_patches(layer, out[names[name]])
+            if patches is not None:
+                patches_seen[name].append(patches)
         for v in seen:
             a = out[v]
             seen[v].append(a.reshape(-1) if np.issubdtype(a.dtype, np.integer) else a.reshape(-1, a.shape[-1]))
     rng = np.random.default_rng(0)
     captured = {}
     for name, v in names.items():
-        a = np.concatenate(seen[v])
+        if name in convs and not patches_seen[name]:
+            continue  # a grouped / transposed conv: no patch matrix, weight-only local errors
+        a = np.concatenate(patches_seen[name] if name in convs else seen[v])
         if len(a) > rows:
             a = a[np.sort(rng.choice(len(a), rows, replace=False))]
         captured[name] = a.astype(np.float32) if a.dtype.kind == "f" else a
@@ -309,6 +319,8 @@ def _sensitivity_model(model, layers, calibration, spec: QuantSpec | None):
             continue
         x = layer.activation
         if layer.kind == "embedding" or x is None or not spec.dynamic and x.name not in calibration.stats:
+            continue
+        if layer.kind == "conv" and spec.dynamic:  # per-token scales are not a conv's (plan._fit_conv)
             continue
         sel = ir.Value(name=f"lpcompile_select_{i}",
                        const_value=ir.Tensor(np.array(False), name=f"lpcompile_select_{i}"))
