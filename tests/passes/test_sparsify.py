@@ -252,3 +252,19 @@ def test_cli_bad_sparsity_is_one_line_and_exit_2(tmp_path, args, message):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_tvm_artifact_of_a_sparse_model_equals_onnxruntime(tmp_path, mlp_inputs):
+    pytest.importorskip("tvm")
+    art = lpcompile.compile(mlp_model(), format="w8a16", calibration=_calib(), sparsity="2:4", rotate="off",
+                            emit=("onnx", "tvm"))
+    art.save(tmp_path / "out")
+    import json
+
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "3 compressed weights expanded" in report["tvm"]["sparse_weights"]
+    x = mlp_inputs["x"][:2]
+    got = lpcompile.runtime.load(tmp_path / "out")(x)
+    got = np.asarray(got[0] if isinstance(got, (list, tuple)) else got)
+    np.testing.assert_allclose(got, ort_run(art.qdq_model, {"x": x})[0], rtol=1e-4, atol=1e-4)
