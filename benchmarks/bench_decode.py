@@ -165,16 +165,21 @@ def _llama_worker(conn, path: str, threads: int, n_ctx: int):
 
     llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, n_threads_batch=threads,
                           logits_all=False, verbose=False)
+    vocab = llm.n_vocab()
+
+    def last_logits():  # without logits_all, 0.3.36 keeps no scores: llama.cpp's own buffer (the last token's row)
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
+
     while (msg := conn.recv()) is not None:
         prompt, new = msg
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
-        tokens = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+        tokens = [int(np.argmax(last_logits()))]
         t1 = time.perf_counter()
         for _ in range(new - 1):
             llm.eval([tokens[-1]])
-            tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            tokens.append(int(np.argmax(last_logits())))
         t2 = time.perf_counter()
         conn.send({"prefill_tok_s": len(prompt) / (t1 - t0), "decode_tok_s": (new - 1) / (t2 - t1),
                    "time_to_first_token_ms": 1e3 * (t1 - t0), "tokens": tokens, "peak_rss_mb": _peak_rss_mb()})
@@ -192,6 +197,7 @@ def _lpcompile_worker(conn, path: str, threads: int):
         s = gen.stats.summary()
         conn.send({"prefill_tok_s": s["prefill_tok_s"], "decode_tok_s": s["decode_tok_s"],
                    "time_to_first_token_ms": s["time_to_first_token_ms"], "tokens": tokens,
+                   "cache_write_us_per_token": s["cache_write_us_per_token"],
                    "kv_cache_mb": gen.cache.nbytes / 2**20, "peak_rss_mb": _peak_rss_mb()})
 
 
@@ -295,6 +301,8 @@ def main() -> int:
             "bandwidth_limit_tok_s": bandwidth / wb,
             "fraction_of_bandwidth_limit": decode * wb / bandwidth,
             "decode_tok_s_runs": [x["decode_tok_s"] for x in rs],
+            **({"cache_write_us_per_token": float(np.median([x["cache_write_us_per_token"] for x in rs]))}
+               if "cache_write_us_per_token" in rs[0] else {}),
             "tokens": rs[-1]["tokens"][:16],
         }
     ratios = {}

@@ -180,6 +180,7 @@ class GenerationStats:
     decode_tokens: int = 0
     decode_s: float = 0.0
     step_s: list[float] = field(default_factory=list)
+    cache_write_s: float = 0.0  # the slice stores into the cache, decode steps only
 
     def summary(self) -> dict:
         return {
@@ -189,6 +190,7 @@ class GenerationStats:
             "prefill_tok_s": self.prompt_tokens / self.prefill_s if self.prefill_s else None,
             "decode_tok_s": self.decode_tokens / self.decode_s if self.decode_s else None,
             "decode_ms_per_token_p50": 1e3 * float(np.median(self.step_s)) if self.step_s else None,
+            "cache_write_us_per_token": 1e6 * self.cache_write_s / self.decode_tokens if self.decode_tokens else None,
         }
 
 
@@ -239,7 +241,10 @@ class Generator:
         for i in range(max_new_tokens):
             t0 = time.perf_counter()
             logits, presents = self.step(ids, cache.views())
+            t1 = time.perf_counter()
             cache.append(presents)
+            if i:
+                stats.cache_write_s += time.perf_counter() - t1
             token = sample(logits, rng, temperature, top_k)
             dt = time.perf_counter() - t0
             if i == 0:
@@ -293,6 +298,6 @@ def bench_decode(model, prompt_len: int = 128, new_tokens: int = 64, repeat: int
         if i:  # the first run warms up
             runs.append(gen.stats.summary())
     med = {k: float(np.median([r[k] for r in runs])) for k in ("prefill_tok_s", "decode_tok_s", "time_to_first_token_ms",
-                                                               "decode_ms_per_token_p50")}
+                                                               "decode_ms_per_token_p50", "cache_write_us_per_token")}
     return {**med, "prompt_tokens": prompt_len, "new_tokens": new_tokens, "repeat": repeat,
             "kv_cache_mb": gen.cache.nbytes / 2**20, "peak_rss_mb": peak_rss_mb()}
