@@ -11,8 +11,10 @@ layers, `linear.lower_weight`).
 A quantized input is patched in its code form: padding with the zero point's code is padding
 with 0.0, so the patches' codes are exactly the codes of the padded float input. Grouped convs
 run one GEMM per group (K = taps * C/groups). Depthwise convs (one input channel per group: a
-GEMM per channel would be a 1-column matmul) multiply-add the taps in float on weights
-dequantized in the graph from their stored codes: reported `emulated`. ConvTranspose, 3-D
+GEMM per channel would be a 1-column matmul) multiply-add the taps: on integer codes when the
+input is carried as int8 / uint8 codes (int32 sums of (x - z) * w, scaled once per output:
+`native`), else in float on weights dequantized in the graph from their stored codes
+(`emulated`). ConvTranspose, 3-D
 convs, `auto_pad=SAME_*` and inputs with symbolic spatial dims run TVM's float convolution on the
 dequantized weights, with the reason in the lowering report (`float fallback`)."""
 
@@ -106,7 +108,10 @@ def lower_conv(ctx: _Context, inputs, attr: dict, node: str | None):
         xq = bb.emit(relax.op.permute_dims(codes, channels_last))
 
     if groups > 1 and cin_g == 1:
-        y = _depthwise(ctx, xf, w, geometry, node, quantized_input=act is not None)
+        integer = xq is not None and act.dtype in ("int8", "uint8") and w.dtype in ("int8", "int4") and (
+            w.block_size is None) and (w.zero_point is None or not np.any(np.asarray(w.zero_point).astype(np.int32)))
+        y = (_depthwise_integer(ctx, xq, act, w, geometry, node) if integer
+             else _depthwise(ctx, xf, w, geometry, node, quantized_input=act is not None))
     else:
         outs = []
         for g in range(groups):
@@ -206,4 +211,29 @@ def _depthwise(ctx: _Context, xf: relax.Expr, w: ConstantDequantize, geometry, n
         ctx.report.layers[node] = {"kernel": f"depthwise float x {w.dtype} (dequantized in graph)",
                                    "activation": "float32", "status": "emulated", "reason": reason,
                                    "rule": None, "rules_refused": []}
+    return y
+
+
+def _depthwise_integer(ctx: _Context, xq: relax.Expr, act: QuantizedActivation, w: ConstantDequantize, geometry,
+                       node: str | None) -> relax.Expr:
+    """Depthwise conv on codes: y[m, c] = s_x * s_w[c] * sum_t (x_q - z)[m, t, c] * w_q[t, c] in
+    int32 (exact), [M, C] float32. The input patches are its codes padded with the zero point."""
+    bb = ctx.bb
+    nd, kernel, *_ = geometry
+    ntaps = int(np.prod(kernel))
+    c = w.q.shape[0]
+    codes = np.ascontiguousarray(w.q.reshape(c, ntaps).T.astype(np.int32))  # [taps, C]
+    pad_value = float(act.zero_point.value.numpy().reshape(-1)[0]) if act.zero_point is not None else 0.0
+    rows = _flat(bb, _im2col(bb, xq, geometry, None, pad_value))
+    m = _shape(rows)[0]
+    taps = relax.op.astype(bb.emit(relax.op.reshape(rows, [m, ntaps, c])), "int32")
+    if act.zero_point is not None:
+        taps = relax.op.subtract(taps, relax.op.astype(act.zero_point, "int32"))
+    acc = bb.emit(relax.op.sum(relax.op.multiply(taps, relax.const(codes)), axis=[1]))  # [M, C] int32
+    s_w = np.asarray(w.scale, np.float32)  # per tensor or per output channel (the caller checked)
+    scale = relax.op.multiply(act.scale, relax.const(s_w.reshape(-1) if s_w.size > 1 else s_w.reshape(1)))
+    y = bb.emit(relax.op.multiply(relax.op.astype(acc, "float32"), scale))
+    if node is not None:
+        ctx.report.layers[node] = {"kernel": f"depthwise integer taps {act.dtype} x {w.dtype}", "activation": act.dtype,
+                                   "status": "native", "reason": None, "rule": None, "rules_refused": []}
     return y
