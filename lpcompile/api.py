@@ -383,7 +383,7 @@ def _choose_rotation(kwargs: dict) -> "CompiledModel":
     against the float model on the calibration data, the goal met first. Rotation does not always
     pay: on the LLaMA-shaped model at 4.3 bits, selection without it reached 25.4 dB, with it 22.7
     (benchmarks/results/select_auto.md)."""
-    tried = {mode: compile(**kwargs, rotate=mode) for mode in ROTATION_CANDIDATES}
+    tried = {mode: compile(**{**kwargs, "rotate": mode}) for mode in ROTATION_CANDIDATES}
 
     def rank(c: CompiledModel):
         achieved = c.report["select"]["achieved"]
