@@ -10,17 +10,13 @@ import pytest
 
 pytest.importorskip("tvm")
 
-import lpcompile  # noqa: E402
 from lpcompile import runtime  # noqa: E402
 from lpcompile.runtime.profile import OTHER, op_type, render  # noqa: E402
-from tests.conftest import mlp_model  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    d = tmp_path_factory.mktemp("profile")
-    np.savez(d / "calib.npz", x=np.random.default_rng(0).standard_normal((16, 8, 256)).astype(np.float32))
-    return lpcompile.compile(mlp_model(), format="int8", calibration=d / "calib.npz", emit=("onnx", "tvm")).save(d / "int8.lpc")
+@pytest.fixture
+def artifact(int8_artifact):
+    return int8_artifact
 
 
 def test_op_types_of_kernel_symbols():
