@@ -155,6 +155,9 @@ def main(argv: list[str]) -> int:
         if command == "generate" or getattr(args, "decode", False):
             return _generate(command, args)
         output = _output_path(args.output) if command == "run" and args.output else None  # refused before running
+        if command == "bench" and args.profile_out and not args.profile:
+            raise ArtifactError("--profile-out needs --profile")
+        profile_out = _new_json_path(args.profile_out) if command == "bench" and args.profile_out else None
         model = load(args.artifact)
         feeds = _load_npz(args.inputs) if args.inputs else None
         if command == "run":
@@ -166,9 +169,6 @@ def main(argv: list[str]) -> int:
             return 0
         if args.batch < 1 or args.seq < 1 or args.repeat < 1 or args.warmup < 0:
             raise ArtifactError("--batch, --seq and --repeat must be positive, --warmup not negative")
-        if args.profile_out and not args.profile:
-            raise ArtifactError("--profile-out needs --profile")
-        profile_out = _new_json_path(args.profile_out) if args.profile_out else None  # refused before running
         if args.profile:
             from lpcompile.runtime.profile import render
 
