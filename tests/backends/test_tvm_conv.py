@@ -66,3 +66,25 @@ def test_conv_builds_for_cuda_with_native_kernels(tmp_path):
     layers = {l["name"]: l for l in json.loads((out / "manifest.json").read_text())["layers"]}
     assert {n for n, l in layers.items() if l["status"] == "native"} == NATIVE["conv2d_net"]
     assert any(p.suffix == ".fatbin" and p.stat().st_size > 0 for p in out.iterdir())
+
+
+@pytest.mark.slow  # exports a transformers ConvNeXt and builds it (~2 min)
+def test_convnext_int8_every_conv_native_and_equal_to_onnxruntime(tmp_path):
+    """A `transformers` ConvNeXt (random weights, symbolic batch): its 4x4 stem, 2x2 downsamplers
+    and 7x7 depthwise convs all run natively in int8 (depthwise on integer taps)."""
+    pytest.importorskip("transformers")
+    from models import hf_tiny
+
+    model = hf_tiny.capture("convnext-tiny")
+    rng = np.random.default_rng(0)
+    cal = [hf_tiny.feeds("convnext-tiny", rng, 4) for _ in range(4)]
+    feeds = hf_tiny.feeds("convnext-tiny", np.random.default_rng(5), 3)
+    art = lpcompile.compile(model, format="int8", calibration=cal, emit=("onnx", "tvm"))
+    out = art.save(tmp_path / "int8")
+    ref = ort_run(art.qdq_model, feeds)[0]
+    loaded = runtime.load(out)
+    got = loaded.run(feeds)[loaded.output_names[0]]
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
+    layers = json.loads((out / "manifest.json").read_text())["layers"]
+    convs = [l for l in layers if l["op"] == "Conv"]
+    assert len(convs) == 8 and all(l["status"] == "native" for l in layers), layers
