@@ -460,7 +460,9 @@ def build_pipeline(*, recipe=None, goal: Goal | None = None, plan: Plan | None =
     else:
         passes.append(_named(ApplyPlan(plan), "plan"))
     if sparsity or plan is not None and any(c.sparsity for c in plan.layers):
-        passes.append(_named(Sparsify(data=data, batch_size=batch_size), "sparsify"))
+        # one-shot: every layer's XᵀX from calibrate (on MiniLM, re-measuring it on the model pruned
+        # so far, Sparsify(data=...), gave 0.9222 against 0.9212 cosine at 50% + int8, for 8x the time)
+        passes.append(_named(Sparsify(), "sparsify"))
     if goal is None or not goal.holdout_every:
         passes.append(_named(Quantize(progress=_step(progress, "quantize")), "quantize"))
     passes.append(_named(Cleanup(), "cleanup"))
