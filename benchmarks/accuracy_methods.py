@@ -42,6 +42,8 @@ CONFIGS: dict[str, list[str]] = {
     "int4+awq": ["--format", "int4", "--awq", "scale"],
     "int4+clip": ["--format", "int4", "--awq", "clip"],
     "int4+awq+clip": ["--format", "int4", "--awq", "auto"],
+    "int4 rotate-off": ["--format", "int4", "--rotate", "off"],
+    "int4+awq+clip rotate-off": ["--format", "int4", "--awq", "auto", "--rotate", "off"],
 }
 
 
