@@ -274,3 +274,11 @@ def test_tvm_artifact_of_a_sparse_model_equals_onnxruntime(tmp_path, mlp_inputs)
     got = lpcompile.runtime.load(tmp_path / "out")(x)
     got = np.asarray(got[0] if isinstance(got, (list, tuple)) else got)
     np.testing.assert_allclose(got, ort_run(art.qdq_model, {"x": x})[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_user_plan_asks_for_sparsity_per_layer():
+    plan = Plan([LayerChoice("w1", QuantSpec.parse(INT8), None, sparsity="2:4"), LayerChoice("w2", QuantSpec.parse(INT8), None),
+                 LayerChoice("w3", None, None, sparsity="0.5:wanda")])
+    art = lpcompile.compile(mlp_model(), format="auto", plan=plan, calibration=_calib(), rotate="off")
+    layers = {l["name"]: (l["weight_format"], l["sparsity"]) for l in art.report["layers"]}
+    assert layers == {"w1": (INT8, "2:4"), "w2": (INT8, None), "w3": ("float32", "0.5:wanda")}
