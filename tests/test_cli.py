@@ -78,7 +78,7 @@ def test_default_output_dir_and_random_smoke_run(model_file):
         (["{model}", "--format", "int8"], "needs calibration data"),
         (["{model}", "--format", "int8", "--calibration", "{nan}"], "holds NaN"),
         (["{model}", "--format", "int8", "--calibration", "{wrong}"], "missing model input"),
-        (["{model}", "--emit", "mlir"], "cannot emit"),
+        (["{model}", "--emit", "wasm"], "cannot emit"),
     ],
 )
 def test_bad_input_is_one_line_nonzero_and_leaves_nothing(model_file, tmp_path, args, message):
