@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from lpcompile.backends.onnx import portable as portable_form
@@ -152,7 +153,7 @@ class CompiledModel:
         # form yet, so the artifact gets them expanded (the dense kernels of the same format)
         qdq, expanded = fold_weights(self.qdq_model)
         try:
-            manifest = export_artifact(ir.to_proto(qdq), target, staging, report=self.report)
+            manifest = export_artifact(_weights_inline(qdq), target, staging, report=self.report)
         except LpcompileError:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -170,6 +171,22 @@ class CompiledModel:
             tvm["sparse_weights"] = (f"{expanded} compressed weights expanded to the dense layout at build time "
                                      "(no TVM kernel reads the compressed form yet)")
         return {**report, "stages_seconds": stages, "tvm": tvm}
+
+
+def _weights_inline(model: ir.Model) -> onnx.ModelProto:
+    """The model as a ModelProto whose initializers hold their bytes: weights kept as external data
+    (the user's model's own file, or the spill file of a large model) are referenced by a location
+    relative to a directory the TVM importer does not know (it read them from the working
+    directory: "Data of TensorProto (b1) should be stored in mlp.onnx.data, but it is not regular
+    file"). TVM holds every weight in memory to build its parameters anyway."""
+    proto = ir.to_proto(model)
+    tensors = {name: v.const_value for name, v in model.graph.initializers.items() if v.const_value is not None}
+    for t in proto.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL and t.name in tensors:
+            t.raw_data = tensors[t.name].tobytes()
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+    return proto
 
 
 def compile(
