@@ -33,6 +33,7 @@ from lpcompile.output import write_output
 from lpcompile.passes.calibrate import CALIBRATION_KEY
 from lpcompile.passes.rotate import REPORT_KEY as ROTATE_KEY
 from lpcompile.passes.select import Select
+from lpcompile.passes.attention import REPORT_KEY as ATTENTION_KEY, check_format as check_attention_format
 from lpcompile.passes.awq import REPORT_KEY as AWQ_KEY
 from lpcompile.passes.smooth import REPORT_KEY as SMOOTH_KEY
 from lpcompile.pipeline import REFERENCE_KEY, Pipeline, build_pipeline, hold_out_for_report, split_for_verification
@@ -207,6 +208,7 @@ def compile(
     smooth: str | float | None = None,
     awq: str = "off",
     sparsity: str | None = None,
+    quantize_attention: str | None = None,
 ) -> CompiledModel:
     """Quantize `model` (path, ModelProto, IR model or torch module) for `target` (a spec:
     `lpcompile.targets`) with the recipe `format`, or with `format="auto"` a per-layer plan.
@@ -227,6 +229,8 @@ def compile(
     ("clip"), both ("auto") or "off" (`lpcompile.passes.awq`).
     `sparsity`: "2:4", "4:8" or a pruned share ("0.5"), optionally ":wanda" / ":magnitude", for
     every dense layer of a recipe (`lpcompile.passes.sparsify`; a plan.json sets it per layer).
+    `quantize_attention`: "int8" or "fp8" quantizes both inputs of every activation x activation
+    MatMul (attention scores and context; `lpcompile.passes.attention`), None / "off" leaves them.
     Every argument is checked before any work; bad ones raise `LpcompileError` (one line)."""
     arguments = dict(locals())  # what a rotation choice compiles again with (see _choose_rotation)
     auto = format == AUTO
@@ -248,6 +252,13 @@ def compile(
         raise LpcompileError(f"unknown rotate mode {rotate!r}; choose one of: {', '.join(ROTATE_MODES)}")
     recipe = None if auto else get_recipe(format)
     sparsity = _check_sparsity(sparsity, auto, calibration)
+    quantize_attention = check_attention_format(quantize_attention)
+    if quantize_attention is not None:
+        if auto:
+            raise LpcompileError("quantize_attention applies to a recipe (--format int8, int4, ...), not format auto")
+        if calibration is None:
+            raise LpcompileError("quantize_attention needs calibration data (--calibration) for its static scales")
+        tgt.check_formats(["fp8_e4m3"] if quantize_attention == "fp8" else ["int8"], "--quantize-attention")
     smooth = check_smooth(smooth, recipe)
     if awq not in AWQ_MODES or awq != "off" and recipe is None:
         raise LpcompileError(f"awq must be one of {', '.join(AWQ_MODES)} with a named recipe, got {awq!r}"
@@ -305,7 +316,8 @@ def compile(
     verify = check if goal is not None and goal.holdout_every else None
     pipeline = build_pipeline(recipe=recipe, goal=goal, plan=user_plan, target=tgt, rotate=rotate, data=fit,
                               rotate_data=fit, check=verify, exclude=tuple(exclude), batch_size=batch_size,
-                              progress=progress, smooth=smooth, awq=awq, sparsity=sparsity)
+                              progress=progress, smooth=smooth, awq=awq, sparsity=sparsity,
+                              quantize_attention=quantize_attention)
     if edit_pipeline is not None:
         edit_pipeline(pipeline)
     qdq = float_model.clone()  # new nodes and values, the same tensors: the float model stays the reference
@@ -339,6 +351,8 @@ def compile(
     report["rotate"] = {"mode": rotate, **_rotation_summary(qdq.meta.get(ROTATE_KEY))}
     report["smooth"] = {"mode": smooth, **_plain_json(qdq.meta.get(SMOOTH_KEY) or {})}
     report["awq"] = {"mode": awq, **_plain_json(qdq.meta.get(AWQ_KEY) or {})}
+    if quantize_attention is not None:
+        report["quantize_attention"] = _plain_json(qdq.meta.get(ATTENTION_KEY) or {})
     for key in (REFERENCE_KEY,):  # the reference copy is not part of the result
         qdq.meta.pop(key, None)
     return CompiledModel(qdq, report, recipe, tgt.spec, tuple(emit), plan=chosen, pipeline=pipeline)

@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prune every dense linear layer (2:4, 4:8 along the input axis, or a share such as 0.5), "
                         "error-compensated on the calibration data and jointly with the recipe's rounding; "
                         "append :wanda or :magnitude for the cheap criteria")
+    p.add_argument("--quantize-attention", choices=["off", "int8", "fp8"], default="off",
+                   help="quantize both inputs of activation x activation matmuls (attention scores and context) "
+                        "with static per-tensor scales; int8 runs as an int8 x int8 -> int32 product in TVM")
     p.add_argument("--emit", default=None,
                    help=f"comma-separated outputs ({', '.join(EMITS)}); default {','.join(DEFAULT_EMIT)}: the QDQ model "
                         "and the TVM artifact for the target (a compiler's command compiles); onnx: the QDQ model alone")
@@ -194,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             smooth=args.smooth,
             awq=args.awq,
             sparsity=args.sparsity,
+            quantize_attention=args.quantize_attention,
         )
         result.save(out, portable=not args.qdq_functions)
     except LpcompileError as e:

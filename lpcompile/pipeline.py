@@ -422,7 +422,8 @@ def build_pipeline(*, recipe=None, goal: Goal | None = None, plan: Plan | None =
                    rotate: str = "off", data: CalibrationData | None = None, rotate_data: CalibrationData | None = None,
                    check: CalibrationData | None = None,
                    exclude: Sequence[str] = (), batch_size: int = 8, progress: Progress | None = None,
-                   smooth: str | float = "off", awq: str = "off", sparsity: str | None = None) -> Pipeline:
+                   smooth: str | float = "off", awq: str = "off", sparsity: str | None = None,
+                   quantize_attention: str | None = None) -> Pipeline:
     """The passes `compile` runs: [rotate] -> keep reference -> [calibrate] -> plan (a recipe's
     uniform plan, select under `goal`, or the user's `plan`) -> quantize -> cleanup.
     `data`: the calibration batches statistics and GPTQ fit on; `rotate_data`: what the rotate
@@ -465,6 +466,10 @@ def build_pipeline(*, recipe=None, goal: Goal | None = None, plan: Plan | None =
         passes.append(_named(Sparsify(), "sparsify"))
     if goal is None or not goal.holdout_every:
         passes.append(_named(Quantize(progress=_step(progress, "quantize")), "quantize"))
+    if quantize_attention is not None:  # after the layers: its ranges are the quantized model's
+        from lpcompile.passes.attention import QuantizeAttention
+
+        passes.append(_named(QuantizeAttention(data, quantize_attention, batch_size), "quantize-attention"))
     passes.append(_named(Cleanup(), "cleanup"))
     if recipe is None:  # what the chosen formats cost, where this machine can time the target
         passes.append(_named(ReportLatency(target, tokens, progress), "latency-report"))

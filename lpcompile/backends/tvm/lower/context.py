@@ -53,6 +53,9 @@ class _Context:
         self.weights: dict[relax.Expr, ConstantDequantize] = {}
         self.acts: dict[relax.Expr, QuantizedActivation] = {}
         self.pending_q: dict[relax.Expr, tuple] = {}  # QuantizeLinear output -> (q [m, k], dtype, shape)
+        # a DequantizeLinear of an activation with a scalar scale -> (its codes in the activation's
+        # shape, their type, scale, zero point): what an activation x activation MatMul multiplies
+        self.act_codes: dict[relax.Expr, tuple[relax.Expr, str, float, float]] = {}
         self.low_bit_consts: dict[relax.Expr, tuple[str, np.ndarray]] = {}
         self.low_bit_inputs: dict[relax.Expr, str] = {}  # 4-bit graph inputs, held one code per byte
         self.kernels: dict[tuple, relax.Expr] = {}

@@ -23,8 +23,38 @@ from lpcompile.errors import ModelError
 class MatMul(ox.MatMul):
     @classmethod
     def _impl_v13(cls, bb, inputs, attr, params):
-        out = _lower_linear(_ACTIVE.get(), inputs[0], inputs[1], transposed=False, pattern="MatMul", node=_node_name(attr))
+        ctx = _ACTIVE.get()
+        out = _lower_linear(ctx, inputs[0], inputs[1], transposed=False, pattern="MatMul", node=_node_name(attr))
+        if out is None:
+            out = activation_matmul(ctx, inputs[0], inputs[1], _node_name(attr))
         return out if out is not None else super()._impl_v13(bb, inputs, attr, params)
+
+
+def activation_matmul(ctx: _Context, a: relax.Expr, b: relax.Expr, node: str | None):
+    """`dequantize(a) @ dequantize(b)` of two activations quantized to int8 with scalar scales and
+    zero point 0 (`passes.attention`): the int8 codes multiplied with int32 accumulation (TVM's
+    matmul on int8 operands, the cast inside its inner loop), scaled once by sa x sb. None where
+    the inputs are not such values; float8 codes (no FP8 arithmetic on CPUs) and non-zero zero
+    points run in float on the dequantized inputs, recorded as emulated."""
+    ca, cb = ctx.act_codes.get(a), ctx.act_codes.get(b)
+    if ca is None or cb is None:
+        return None
+    (qa, ta, sa, za), (qb, tb, sb, zb) = ca, cb
+    if ta == tb == "int8" and za == zb == 0.0:
+        bb = ctx.bb
+        acc = bb.emit(relax.op.matmul(qa, qb, out_dtype="int32"))
+        y = bb.emit(relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(np.float32(sa * sb))))
+        ctx.report.fired["MatMul[int8 x int8 activations]"] += 1
+        if node is not None:
+            ctx.report.layers[node] = {"kernel": "int8 x int8 -> int32 matmul (TVM)", "status": "native",
+                                       "activation": "int8", "reason": None}
+        return y
+    if node is not None:
+        ctx.report.layers[node] = {
+            "kernel": None, "status": "emulated", "activation": f"{ta} x {tb}",
+            "reason": f"{ta} x {tb} activations (zero points {za:g}, {zb:g}): no integer product for them; the "
+                      "codes are dequantized and multiplied in float"}
+    return None
 
 
 class Gemm(ox.Gemm):

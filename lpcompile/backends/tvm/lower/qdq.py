@@ -90,8 +90,19 @@ class DequantizeLinear(_LowerEveryOpset, ox.DequantizeLinear):
             act = QuantizedActivation(q=q2, dtype=dtype, scale=s1, zero_point=z1, kind="tensor", shape=shape)
             var = bb.emit(_dequantize_activation(ctx, act))
             ctx.acts[var] = act
+            _remember_codes(ctx, var, x, dtype, cs, cz)
             return var
-        return _generic_qdq(ctx, "dequantize", inputs, attr, _code_dtype(ctx, x))
+        var = _generic_qdq(ctx, "dequantize", inputs, attr, _code_dtype(ctx, x))
+        if cs is not None and cs[1].size == 1 and (zp is None or (cz is not None and cz[1].size == 1)):
+            _remember_codes(ctx, var, x, _code_dtype(ctx, x), cs, cz)
+        return var
+
+
+def _remember_codes(ctx: _Context, var: relax.Expr, codes: relax.Expr, dtype: str, cs, cz) -> None:
+    """`var` = (codes - zero point) x scale with scalars: an activation x activation MatMul of two
+    such values multiplies the codes (`linear.activation_matmul`)."""
+    zero = 0.0 if cz is None else float(cz[1].astype(np.float32).reshape(()))
+    ctx.act_codes[var] = (codes, dtype, float(cs[1].astype(np.float32).reshape(())), zero)
 
 
 class QuantizeLinear(_LowerEveryOpset, ox.QuantizeLinear):
