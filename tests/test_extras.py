@@ -119,7 +119,7 @@ def test_the_default_compile_without_tvm_names_the_extra_and_the_qdq_only_way(wi
 
 
 def test_require_names_the_distribution_and_the_extra(monkeypatch):
-    assert set(EXTRAS) == {"tvm", "torch", "openvino"}
+    assert set(EXTRAS) == {"tvm", "torch", "openvino", "torch_mlir"}
     assert install_hint("openvino") == "openvino: pip install 'lpcompile[openvino]'"
     assert not installed("no_such_module_lpcompile")
     monkeypatch.setitem(EXTRAS, "no_such_module_lpcompile", ("nothing", "nothing"))

@@ -19,6 +19,12 @@ on the form with lpcompile's functions (the reference), within these stated tole
 - OpenVINO with its defaults (bf16 on AMX CPUs, dynamic int8 activations): cosine >= 0.99
   (W4A4 >= 0.97). OpenVINO f32 on W4A4: rows as for onnxruntime.
 
+- x86 CPUs without VNNI (AVX2 only, e.g. AMD Zen 2): onnxruntime's optimized and OpenVINO's
+  uint8 x int8 GEMMs multiply with vpmaddubsw, whose int16 pair sums saturate (both runtimes' known
+  AVX2 limitation; ORT's own quantizer offers reduce_range for it), so the int8 recipe there is
+  held to cosine >= 0.995 instead of 1e-5 (measured on the test MLP: worst token 0.9984, the same
+  in both runtimes; lpcompile's TVM AVX2 kernel takes the exact int16 path instead).
+
 Cosines are the worst sample's.
 """
 
@@ -102,11 +108,23 @@ def test_portable_file_has_no_custom_ops_and_is_bit_identical(saved):
     np.testing.assert_array_equal(ort_run(model, feeds)[0], reference)
 
 
+def _u8s8_saturates() -> bool:
+    """An x86 CPU without VNNI: the runtimes' uint8 x int8 GEMMs use vpmaddubsw (saturating)."""
+    import platform
+
+    from lpcompile.runtime.cpu import host_flags
+
+    flags = host_flags() or frozenset()
+    return platform.machine() in ("x86_64", "AMD64") and not {"avx512_vnni", "avx_vnni"} & flags
+
+
 def test_onnxruntime_default_session(saved):
     fmt, _, path, feeds, reference, _ = saved
     y = ort_default(path, feeds)  # no options: what a user's InferenceSession(path) does
     assert np.isfinite(y).all()
-    if fmt in NBITS_FUSED:
+    if fmt == "int8" and _u8s8_saturates():
+        assert min_cosine(y, reference) >= 0.995
+    elif fmt in NBITS_FUSED:
         assert min_cosine(y, reference) >= (0.98 if fmt == "w4a4" else 0.9995)
         assert_within(ort_default(path, feeds, **{"session.qdq_matmulnbits_accuracy_level": "0"}), reference, 1e-5,
                       rows_may_differ=1 / 16 if fmt == "w4a4" else 0)
@@ -117,7 +135,9 @@ def test_onnxruntime_default_session(saved):
 def test_openvino(saved):
     fmt, _, path, feeds, reference, _ = saved
     y = openvino(path, feeds, OV_EXACT)
-    if fmt in OV_FP8_COSINE:
+    if fmt == "int8" and _u8s8_saturates():
+        assert min_cosine(y, reference) >= 0.995
+    elif fmt in OV_FP8_COSINE:
         assert min_cosine(y, reference) >= OV_FP8_COSINE[fmt]
     else:
         assert_within(y, reference, 1e-5, rows_may_differ=1 / 16 if fmt == "w4a4" else 0)
