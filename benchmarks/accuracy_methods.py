@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from minilm_accuracy import embed, session  # noqa: E402
+from lpcompile.runtime.cpu import cpu_name
 
 # name -> CLI flags after the model; the recipe's own defaults unless a flag says otherwise
 CONFIGS: dict[str, list[str]] = {
@@ -47,14 +47,6 @@ CONFIGS: dict[str, list[str]] = {
 }
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def metrics(ref: np.ndarray, got: np.ndarray) -> dict:

@@ -28,12 +28,12 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from lpcompile.runtime.cpu import cpu_name as _cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -331,14 +331,6 @@ def _params(config) -> int:
     return 2 * v * d + L * (2 * d * d + 2 * d * kv + 3 * d * f + 2 * d) + d
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

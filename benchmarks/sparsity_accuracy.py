@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -31,20 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.minilm_accuracy import compare, embed, session  # noqa: E402
+from lpcompile.runtime.cpu import cpu_name
 
 WEIGHTS = {"float": None, "int8": "int8:channel(1):sym", "int4": "int4:block(0,128):sym"}  # w8a16's / int4's weights
 PATTERNS = ("0.5", "2:4")
 CRITERIA = ("magnitude", "wanda", "sparsegpt")
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main(argv=None) -> int:

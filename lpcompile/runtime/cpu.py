@@ -43,6 +43,20 @@ def library_features(machine: str, llvm_features) -> list[str]:
 
 
 @lru_cache(maxsize=1)
+def cpu_name() -> str:
+    """This CPU's model name from /proc/cpuinfo (what benchmarks record beside their numbers)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def host_flags() -> frozenset[str] | None:
     """This CPU's feature flags from /proc/cpuinfo (None where there is none to read)."""
     try:
